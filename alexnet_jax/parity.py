@@ -1,0 +1,332 @@
+"""Numerical parity of every variant against its PyTorch twin (fp32, CPU).
+
+``python -m alexnet_jax.parity [--variant NAME|all]`` prints, per variant, the max absolute and
+max relative difference of eval-mode logits, of the gradients of a cross-entropy loss for every
+parameter, and of the parameters after SGD steps (momentum, weight decay, one learning-rate drop),
+and exits non-zero when any is over tolerance.
+
+Relative difference of a tensor = max|flax - torch| / max|torch|. Dropout is off throughout: masks
+cannot match across frameworks.
+
+Gradients are compared only on batches where both frameworks take the same path through the
+network: the same ReLU on/off pattern and the same max-pool winner in every window. In fp32 the two
+forwards differ by ~1e-6, so a pool window whose two largest values are closer than that can pick a
+different winner and send the whole gradient of that window to a neighbouring pixel. That is
+rounding, not a bug, but it moves conv kernel gradients by up to ~1e-2. Such batches are redrawn
+(the count is reported); they are rare enough that a few redraws suffice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import Any, Callable, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import torch
+
+from alexnet_jax.models import VARIANTS, AlexNet, create_model, local_response_norm
+from alexnet_jax.torch_interop import params_from_torch
+from alexnet_jax.torch_reference import torch_model
+
+LOGITS_TOL = 1e-5  # max|diff| <= LOGITS_TOL * max|logit|
+GRAD_TOL = 1e-4  # per-parameter relative difference
+PARAM_TOL = 1e-4  # per-parameter relative difference after the SGD steps
+
+MAX_REDRAWS = 50
+# A small learning rate keeps the random-data training from pushing many units onto the ReLU/pool
+# decision boundaries, where fp32 rounding alone would send the two runs different ways.
+LR, LR_DROP_FACTOR, MOMENTUM, WEIGHT_DECAY = 1e-3, 0.1, 0.9, 5e-4
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """One model to compare: a variant, optional setting overrides and the input sides to test."""
+  variant: str
+  sizes: tuple[int, ...]
+  overrides: tuple[tuple[str, Any], ...] = ()
+
+  @property
+  def label(self) -> str:
+    extra = ",".join(f"{k}={v}" for k, v in self.overrides)
+    return f"{self.variant}[{extra}]" if extra else self.variant
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  """One compared quantity: the worst tensor, its differences and whether it is within tolerance."""
+  case: str
+  what: str
+  worst: str
+  max_abs: float
+  max_rel: float
+  tol: float
+  note: str = ""
+
+  @property
+  def ok(self) -> bool:
+    return bool(self.max_rel <= self.tol)
+
+
+def default_cases(variant: str) -> list[Case]:
+  """Cases for ``variant``: its nominal input; extra sizes for the adaptive pool; both LRN parities."""
+  model = create_model(variant)
+  if variant == "alexnet":
+    return [Case(variant, (224, 256, 300))]
+  cases = [Case(variant, (model.input_size,))]
+  if any(model.lrn_after):
+    even = model.lrn_size + 1 if model.lrn_size % 2 else model.lrn_size - 1
+    cases.append(Case(variant, (model.input_size,), (("lrn_size", even),)))
+  return cases
+
+
+def _rel_rows(case: str, what: str, flax_tree: dict, torch_tree: dict, tol: float,
+              note: str = "") -> Row:
+  worst = ("", 0.0, -1.0)
+  for layer in flax_tree:
+    for name in flax_tree[layer]:
+      a, b = np.asarray(flax_tree[layer][name]), np.asarray(torch_tree[layer][name])
+      diff = float(np.abs(a - b).max())
+      rel = diff / max(float(np.abs(b).max()), np.finfo(np.float32).tiny)
+      if rel > worst[2]:
+        worst = (f"{layer}/{name}", diff, rel)
+  return Row(case, what, worst[0], worst[1], worst[2], tol, note)
+
+
+def _nchw(x: np.ndarray) -> torch.Tensor:
+  return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+def _nhwc(t: torch.Tensor) -> np.ndarray:
+  return t.numpy().transpose(0, 2, 3, 1) if t.ndim == 4 else t.numpy()
+
+
+def _torch_grads_as_flax(net: torch.nn.Module, variant: str, overrides: dict) -> dict:
+  grads = {k: p.grad for k, p in net.named_parameters()}
+  return params_from_torch(grads, variant, **overrides)
+
+
+def _torch_path(net: torch.nn.Module, x: np.ndarray) -> tuple[list, list]:
+  """Outputs of the hidden conv/dense layers and the inputs of the max pools, in forward order."""
+  weighted, pool_inputs, hooks = [], [], []
+  for module in net.modules():
+    if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+      hooks.append(module.register_forward_hook(lambda m, i, o: weighted.append(_nhwc(o))))
+    elif isinstance(module, torch.nn.MaxPool2d):
+      hooks.append(module.register_forward_hook(lambda m, i, o: pool_inputs.append(i[0])))
+  try:
+    with torch.no_grad():
+      net(_nchw(x))
+  finally:
+    for h in hooks:
+      h.remove()
+  return weighted[:-1], pool_inputs
+
+
+def _flax_path(model: AlexNet, params: Any, x: np.ndarray) -> tuple[list, list]:
+  """Same as ``_torch_path`` for the Flax model (pool inputs as NCHW torch tensors)."""
+  _, state = model.apply({"params": params}, x, capture_intermediates=True,
+                         mutable=["intermediates"])
+  acts = state["intermediates"]
+  convs = [acts[f"conv{i + 1}"]["__call__"][0] for i in range(len(model.conv_features))]
+  pool_inputs = []
+  for i, out in enumerate(convs):  # a pool's input is its conv's output after ReLU (and LRN)
+    if model.pool_after[i]:
+      a = jax.nn.relu(out)
+      if model.lrn_after[i]:
+        a = local_response_norm(a, model.lrn_size, model.lrn_alpha, model.lrn_beta, model.lrn_k)
+      pool_inputs.append(_nchw(np.asarray(a)))
+  hidden = convs + [acts[f"fc{i + 1}"]["__call__"][0] for i in range(2)]
+  return [np.asarray(h) for h in hidden], pool_inputs
+
+
+def _same_path(model: AlexNet, params: Any, net: torch.nn.Module, x: np.ndarray) -> bool:
+  """True when both frameworks switch the same ReLUs on and pick the same max-pool winners."""
+  (hidden_a, pools_a), (hidden_b, pools_b) = _flax_path(model, params, x), _torch_path(net, x)
+  if any(not np.array_equal(a > 0, b > 0) for a, b in zip(hidden_a, hidden_b)):
+    return False
+  window, stride = model.pool_window, model.pool_stride
+  winners = lambda t: torch.nn.functional.max_pool2d(t, window, stride, return_indices=True)[1]
+  return all(torch.equal(winners(a), winners(b)) for a, b in zip(pools_a, pools_b))
+
+
+def run_case(case: Case, batch: int = 4, steps: int = 10, seed: int = 0) -> list[Row]:
+  """Compares ``case`` in Flax and PyTorch; returns one Row per compared quantity."""
+  overrides = dict(case.overrides)
+  model = create_model(case.variant, **overrides)
+  torch.manual_seed(seed)
+  net = torch_model(case.variant, **overrides).eval()  # eval(): dropout off
+  params = jax.tree_util.tree_map(jnp.asarray,
+                                  params_from_torch(net.state_dict(), case.variant, **overrides))
+  rng = np.random.default_rng(seed)
+  apply = jax.jit(lambda p, x: model.apply({"params": p}, x))
+  rows = []
+
+  for size in case.sizes:
+    x = rng.standard_normal((batch, size, size, model.in_channels), np.float32)
+    with torch.no_grad():
+      ref = net(_nchw(x)).numpy()
+    out = np.asarray(apply(params, x))
+    diff = float(np.abs(out - ref).max())
+    rows.append(Row(case.label, f"logits {size}x{size}", "logits", diff,
+                    diff / float(np.abs(ref).max()), LOGITS_TOL))
+
+  def loss_fn(p, x, y):
+    logits = model.apply({"params": p}, x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  side = model.input_size
+  def batch_at(step_rng):
+    x = step_rng.standard_normal((batch, side, side, model.in_channels), np.float32)
+    return x, step_rng.integers(0, model.num_classes, batch)
+
+  redraws = 0
+  def same_path_batch(p):
+    nonlocal redraws
+    for _ in range(MAX_REDRAWS):
+      x, y = batch_at(rng)
+      if _same_path(model, p, net, x):
+        return x, y
+      redraws += 1
+    raise RuntimeError(f"{case.label}: {MAX_REDRAWS} batches in a row took different ReLU/max-pool "
+                       "paths in Flax and PyTorch; the forwards disagree beyond rounding")
+
+  x, y = same_path_batch(params)
+  grads = jax.jit(jax.grad(loss_fn))(params, x, y)
+  net.zero_grad()
+  torch.nn.functional.cross_entropy(net(_nchw(x)), torch.from_numpy(y)).backward()
+  rows.append(_rel_rows(case.label, "gradients", grads,
+                        _torch_grads_as_flax(net, case.variant, overrides), GRAD_TOL,
+                        f"{redraws} batches redrawn"))
+  redraws = 0
+
+  # torch.optim.SGD(momentum, weight_decay) == add_decayed_weights + sgd(momentum), schedule too.
+  drop_at = steps // 2
+  schedule = optax.piecewise_constant_schedule(LR, {drop_at: LR_DROP_FACTOR})
+  tx = optax.chain(optax.add_decayed_weights(WEIGHT_DECAY), optax.sgd(schedule, MOMENTUM))
+
+  @jax.jit
+  def sgd_step(p, opt_state, x, y):
+    g = jax.grad(loss_fn)(p, x, y)
+    updates, opt_state = tx.update(g, opt_state, p)
+    return optax.apply_updates(p, updates), opt_state
+
+  opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+  lr_sched = torch.optim.lr_scheduler.MultiStepLR(opt, [drop_at], LR_DROP_FACTOR)
+  opt_state = tx.init(params)
+  initial = params
+  for _ in range(steps):
+    x, y = same_path_batch(params)
+    params, opt_state = sgd_step(params, opt_state, x, y)
+    opt.zero_grad()
+    torch.nn.functional.cross_entropy(net(_nchw(x)), torch.from_numpy(y)).backward()
+    opt.step()
+    lr_sched.step()
+  trained = params_from_torch(net.state_dict(), case.variant, **overrides)
+  rows.append(_rel_rows(case.label, f"params after {steps} SGD steps", params, trained,
+                        PARAM_TOL, f"{redraws} batches redrawn"))
+  rows.append(_optimizer_row(case, initial, tx, steps, drop_at, rng))
+  rows.extend(_torchvision_rows(case, seed))
+  return rows
+
+
+def _optimizer_row(case: Case, params: Any, tx: optax.GradientTransformation, steps: int,
+                   drop_at: int, rng: np.random.Generator) -> Row:
+  """The update rule alone: optax and torch.optim.SGD fed the same gradients, O(1) in size.
+
+  Within the network run the updates are tiny next to the weights, so a wrong weight decay or
+  momentum would hide under the tolerance; here the change dominates and is what is compared.
+  """
+  names = [(layer, name) for layer in params for name in params[layer]]
+  ours = jax.tree_util.tree_map(np.asarray, params)
+  tensors = [torch.tensor(ours[l][n], requires_grad=True) for l, n in names]
+  opt = torch.optim.SGD(tensors, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+  lr_sched = torch.optim.lr_scheduler.MultiStepLR(opt, [drop_at], LR_DROP_FACTOR)
+  opt_state = tx.init(ours)
+  for _ in range(steps):
+    grads = jax.tree_util.tree_map(
+        lambda p: rng.standard_normal(p.shape, np.float32), ours)
+    updates, opt_state = tx.update(grads, opt_state, ours)
+    ours = optax.apply_updates(ours, updates)
+    for t, (l, n) in zip(tensors, names):
+      t.grad = torch.from_numpy(np.asarray(grads[l][n]))
+    opt.step()
+    lr_sched.step()
+  change = lambda tree: {l: {n: np.asarray(tree[l][n]) - np.asarray(params[l][n])
+                             for n in tree[l]} for l in tree}
+  theirs = {l: {} for l in params}
+  for t, (l, n) in zip(tensors, names):
+    theirs[l][n] = t.detach().numpy()
+  return _rel_rows(case.label, f"SGD rule alone, change over {steps} steps", change(ours),
+                   change(theirs), PARAM_TOL)
+
+
+def _torchvision_rows(case: Case, seed: int) -> list[Row]:
+  """For plain ``alexnet``, also compares against torchvision's own module when importable."""
+  if case.variant != "alexnet" or case.overrides:
+    return []
+  try:
+    import torchvision  # pylint: disable=import-outside-toplevel
+  except Exception:  # torchvision raises more than ImportError when its torch does not match
+    return []
+  torch.manual_seed(seed)
+  net = torchvision.models.alexnet(weights=None).eval()
+  params = params_from_torch(net.state_dict(), "alexnet")
+  x = np.random.default_rng(seed).standard_normal((4, 224, 224, 3), np.float32)
+  with torch.no_grad():
+    ref = net(_nchw(x)).numpy()
+  out = np.asarray(create_model("alexnet").apply({"params": params}, x))
+  diff = float(np.abs(out - ref).max())
+  return [Row(case.label, "logits vs torchvision.models.alexnet", "logits", diff,
+              diff / float(np.abs(ref).max()), LOGITS_TOL)]
+
+
+def format_rows(rows: Iterable[Row]) -> str:
+  lines = [f"{'case':<34} {'quantity':<36} {'worst tensor':<14} {'max abs':>10} "
+           f"{'max rel':>10} {'tol':>8}  ok"]
+  for r in rows:
+    lines.append(f"{r.case:<34} {r.what:<36} {r.worst:<14} {r.max_abs:>10.3e} {r.max_rel:>10.3e} "
+                 f"{r.tol:>8.0e}  {'yes' if r.ok else 'NO ':<4} {r.note}".rstrip())
+  return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None,
+         print_fn: Callable[[str], None] = print) -> int:
+  parser = argparse.ArgumentParser(prog="python -m alexnet_jax.parity", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--variant", default="all", choices=("all",) + VARIANTS,
+                      help="variant to check (default: all)")
+  parser.add_argument("--batch", type=int, default=4, help="images per batch (default: 4)")
+  parser.add_argument("--steps", type=int, default=10,
+                      help="SGD steps; the learning rate drops 10x halfway (default: 10)")
+  parser.add_argument("--seed", type=int, default=0)
+  args = parser.parse_args(argv)
+  if args.batch < 1 or args.steps < 2:
+    parser.error("--batch must be >= 1 and --steps >= 2 (the learning-rate drop needs two phases)")
+
+  variants = VARIANTS if args.variant == "all" else (args.variant,)
+  try:
+    import torchvision  # pylint: disable=import-outside-toplevel,unused-import
+  except Exception as e:  # pylint: disable=broad-except
+    print_fn(f"note: torchvision is not importable ({type(e).__name__}); alexnet is compared "
+             "against the built-in PyTorch reference only")
+  all_rows = []
+  for variant in variants:
+    for case in default_cases(variant):
+      print_fn(f"checking {case.label} at {', '.join(map(str, case.sizes))} ...")
+      all_rows += run_case(case, batch=args.batch, steps=args.steps, seed=args.seed)
+  print_fn(format_rows(all_rows))
+  failed = [r for r in all_rows if not r.ok]
+  if failed:
+    print_fn(f"FAILED: {len(failed)} of {len(all_rows)} comparisons over tolerance")
+    return 1
+  print_fn(f"all {len(all_rows)} comparisons within tolerance")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
