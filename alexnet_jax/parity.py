@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -294,8 +294,7 @@ def format_rows(rows: Iterable[Row]) -> str:
   return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None,
-         print_fn: Callable[[str], None] = print) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m alexnet_jax.parity", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--variant", default="all", choices=("all",) + VARIANTS,
@@ -312,19 +311,19 @@ def main(argv: Sequence[str] | None = None,
   try:
     import torchvision  # pylint: disable=import-outside-toplevel,unused-import
   except Exception as e:  # pylint: disable=broad-except
-    print_fn(f"note: torchvision is not importable ({type(e).__name__}); alexnet is compared "
+    print(f"note: torchvision is not importable ({type(e).__name__}); alexnet is compared "
              "against the built-in PyTorch reference only")
   all_rows = []
   for variant in variants:
     for case in default_cases(variant):
-      print_fn(f"checking {case.label} at {', '.join(map(str, case.sizes))} ...")
+      print(f"checking {case.label} at {', '.join(map(str, case.sizes))} ...")
       all_rows += run_case(case, batch=args.batch, steps=args.steps, seed=args.seed)
-  print_fn(format_rows(all_rows))
+  print(format_rows(all_rows))
   failed = [r for r in all_rows if not r.ok]
   if failed:
-    print_fn(f"FAILED: {len(failed)} of {len(all_rows)} comparisons over tolerance")
+    print(f"FAILED: {len(failed)} of {len(all_rows)} comparisons over tolerance")
     return 1
-  print_fn(f"all {len(all_rows)} comparisons within tolerance")
+  print(f"all {len(all_rows)} comparisons within tolerance")
   return 0
 
 

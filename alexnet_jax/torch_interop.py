@@ -170,8 +170,8 @@ def params_to_torch(params: Mapping[str, Any], variant: str, **overrides: Any
       weight = _fc1_flax_to_torch(kernel, model.conv_features[-1], model.flatten_hw)
     else:
       weight = kernel.T
-    state_dict[f"{prefix}.weight"] = torch.from_numpy(np.ascontiguousarray(weight))
-    state_dict[f"{prefix}.bias"] = torch.from_numpy(np.ascontiguousarray(flat[f"{layer}/bias"]))
+    state_dict[f"{prefix}.weight"] = torch.from_numpy(np.array(weight, order="C"))
+    state_dict[f"{prefix}.bias"] = torch.from_numpy(np.array(flat[f"{layer}/bias"], order="C"))
   return state_dict
 
 
