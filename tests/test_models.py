@@ -1,0 +1,81 @@
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+import alexnet_jax as A
+from alexnet_jax.torch_interop import params_from_torch, params_to_torch
+from alexnet_jax.torch_reference import torch_model
+
+
+def test_import_is_jax_only():
+  code = ("import sys, alexnet_jax; bad = [m for m in sys.modules if m.split('.')[0] in "
+          "('torch', 'tensorflow')]; assert not bad, bad")
+  subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_torchvision_parameter_count():
+  assert A.count_params(A.init_params(A.create_model("alexnet"), jax.random.key(0))) == 61_100_840
+
+
+@pytest.mark.parametrize("variant", A.VARIANTS)
+def test_param_count_matches_torch_twin_and_round_trip_is_exact(variant):
+  net = torch_model(variant)
+  params = params_from_torch(net.state_dict(), variant)
+  flax_params = A.init_params(A.create_model(variant), jax.random.key(0))
+  assert A.count_params(flax_params) == sum(p.numel() for p in net.parameters())
+  back = params_to_torch(params, variant)
+  assert list(back) == list(net.state_dict())
+  for k, v in net.state_dict().items():
+    assert torch.equal(back[k], v), k
+
+
+def test_bad_input_errors():
+  m = A.create_model("alexnet")
+  p = A.init_params(m, jax.random.key(0))
+  with pytest.raises(ValueError, match="rank 4"):
+    m.apply({"params": p}, np.zeros((224, 224, 3), np.float32))
+  with pytest.raises(ValueError, match="3 input channels"):
+    m.apply({"params": p}, np.zeros((1, 3, 224, 224), np.float32))
+  with pytest.raises(ValueError, match="at least 63x63"):
+    m.apply({"params": p}, np.zeros((1, 62, 62, 3), np.float32))
+  m.apply({"params": p}, np.zeros((1, 63, 63, 3), np.float32))
+  with pytest.raises(ValueError, match="exactly 224x224"):
+    A.create_model("alexnet_half").check_input_shape((1, 256, 256, 3))
+  with pytest.raises(ValueError, match="unknown variant"):
+    A.create_model("vgg")
+
+
+def test_strict_state_dict_errors_list_everything():
+  sd = torch_model("alexnet").state_dict()
+  sd.pop("features.0.bias")
+  sd["extra.weight"] = torch.zeros(1)
+  with pytest.raises(ValueError) as e:
+    params_from_torch(sd, "alexnet", num_classes=10)
+  msg = str(e.value)
+  assert "features.0.bias" in msg and "extra.weight" in msg and "classifier.6.weight" in msg
+
+
+def test_seed000_fragment_by_overrides():
+  m = A.create_model("alexnet", avgpool_size=4, hidden_width=2048)
+  p = A.init_params(m, jax.random.key(0))
+  assert p["fc1"]["kernel"].shape == (256 * 4 * 4, 2048)
+
+
+@pytest.mark.parametrize("init", A.INITS)
+def test_init_statistics(init):
+  m = A.create_model("alexnet_paper", weight_init=init)
+  p = A.init_params(m, jax.random.key(1))
+  w = np.asarray(p["fc2"]["kernel"])
+  if init == "torch":
+    bound = 1 / np.sqrt(4096)
+    assert np.abs(w).max() <= bound and np.isclose(w.std(), bound / np.sqrt(3), rtol=0.02)
+  elif init == "paper":
+    assert np.isclose(w.std(), 0.01, rtol=0.02)
+    assert np.all(np.asarray(p["conv2"]["bias"]) == 1) and np.all(np.asarray(p["conv1"]["bias"]) == 0)
+  else:
+    k = np.asarray(p["conv3"]["kernel"])
+    assert np.isclose(k.std(), np.sqrt(2 / (384 * 9)), rtol=0.05)

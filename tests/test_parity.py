@@ -1,0 +1,11 @@
+import pytest
+
+from alexnet_jax import VARIANTS, parity
+
+
+@pytest.mark.parametrize("case", [c for v in VARIANTS for c in parity.default_cases(v)],
+                         ids=lambda c: c.label)
+def test_parity_within_tolerance(case):
+  rows = parity.run_case(case)
+  bad = [r for r in rows if not r.ok]
+  assert not bad, parity.format_rows(bad)
