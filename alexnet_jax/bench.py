@@ -1,17 +1,23 @@
-"""Benchmarks: ``python -m alexnet_jax.bench model --variant alexnet --batch 64``.
+"""Benchmarks: ``python -m alexnet_jax.bench {model,data}``.
 
 ``model`` times the jitted Flax forward (eval mode) and a forward+backward+SGD step against the same
 model in PyTorch eager, in one process, on the same batch, fp32. The two are timed in alternating
 rounds after a warm-up, so that a background load or thermal drift hits both alike; the figure is
 the median round.
+
+``data`` writes JPEGs of ImageNet's typical size (500x375) to a temporary folder and measures the
+ImageNet-style train pipeline (decode, augmentation preset, batching) in images/s, in total and per
+CPU core available to the process.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
+import tempfile
 import time
 from typing import Any, Callable, Sequence
 
@@ -104,6 +110,46 @@ def bench_model(variant: str, batch: int, rounds: int = 5, iters: int = 3, warmu
           "torch_threads": torch.get_num_threads(), "jax_backend": jax.default_backend()}
 
 
+def write_jpegs(folder: str, count: int, size: tuple[int, int] = (500, 375),
+                classes: int = 10, seed: int = 0) -> None:
+  """``count`` JPEGs in ``folder/train/<class>/``, smooth like photos (so they compress alike)."""
+  from PIL import Image
+
+  rng = np.random.default_rng(seed)
+  width, height = size
+  for i in range(count):
+    d = os.path.join(folder, "train", f"class{i % classes:03d}")
+    os.makedirs(d, exist_ok=True)
+    coarse = rng.integers(0, 256, (height // 25, width // 25, 3), np.uint8)
+    image = Image.fromarray(coarse).resize(size, Image.BICUBIC)
+    fine = np.asarray(image, np.int16) + rng.integers(-12, 12, (height, width, 3))
+    Image.fromarray(np.clip(fine, 0, 255).astype(np.uint8)).save(
+        os.path.join(d, f"{i:05d}.jpg"), quality=90)
+
+
+def bench_data(preset: str, batch: int, steps: int, images: int, warmup: int = 3
+               ) -> dict[str, float]:
+  """Images/s of the train pipeline on JPEGs of ImageNet size written to a temporary folder."""
+  from alexnet_jax import input_pipeline as ip
+
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  with tempfile.TemporaryDirectory() as folder:
+    write_jpegs(folder, images)
+    source = ip.folder_source(folder, "train")
+    it = ip.TrainIterator(source, ip.Preprocess(train_preset=preset), batch, seed=0)
+    for _ in range(warmup):
+      next(it)
+    start = time.perf_counter()
+    for _ in range(steps):
+      next(it)
+    ips = batch * steps / (time.perf_counter() - start)
+    del it  # stops tf.data's background reads before the folder goes
+    mean_kb = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(folder)
+                  for f in fs) / images / 1024
+  return {"images_per_sec": ips, "cores": cores, "images_per_sec_per_core": ips / cores,
+          "mean_jpeg_kb": mean_kb}
+
+
 def _print_table(variant: str, batch: int, r: dict[str, float]) -> None:
   print(f"{variant}, batch {batch}, fp32, jax backend {r['jax_backend']}, "
         f"torch threads {r['torch_threads']}")
@@ -123,12 +169,28 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--rounds", type=int, default=5, help="alternating timed rounds (median kept)")
   p.add_argument("--iters", type=int, default=3, help="calls per round")
   p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+  d = sub.add_parser("data", help="the ImageNet-style train input pipeline on CPU")
+  d.add_argument("--preset", default="torchvision", choices=("torchvision", "paper"))
+  d.add_argument("--batch", type=int, default=64)
+  d.add_argument("--steps", type=int, default=20, help="timed batches, after 3 warm-up batches")
+  d.add_argument("--images", type=int, default=512, help="JPEGs to write (cycled over epochs)")
+  d.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
   args = parser.parse_args(argv)
-  if args.batch < 1 or args.rounds < 1 or args.iters < 1:
-    parser.error("--batch, --rounds and --iters must be positive")
+  counts = ([args.batch, args.rounds, args.iters] if args.what == "model"
+            else [args.batch, args.steps, args.images])
+  if min(counts) < 1:
+    parser.error("sizes and counts must be positive")
 
-  result = bench_model(args.variant, args.batch, args.rounds, args.iters)
-  _print_table(args.variant, args.batch, result)
+  if args.what == "model":
+    result = bench_model(args.variant, args.batch, args.rounds, args.iters)
+    _print_table(args.variant, args.batch, result)
+  else:
+    if args.images < args.batch:
+      parser.error(f"--images ({args.images}) must be at least --batch ({args.batch})")
+    result = bench_data(args.preset, args.batch, args.steps, args.images)
+    print(f"train pipeline, preset {args.preset}, batch {args.batch}, 500x375 JPEGs "
+          f"(mean {result['mean_jpeg_kb']:.0f} KiB): {result['images_per_sec']:.0f} images/s on "
+          f"{result['cores']} cores = {result['images_per_sec_per_core']:.0f} images/s per core")
   if args.json:
     with open(args.json, "w") as f:
       json.dump(result, f, indent=2)
