@@ -49,6 +49,7 @@ LAYOUTS = ("pmap", "jit")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 DIGITS_SIDE = 28
 DIGITS_TEST_FRACTION = 0.2
+SYNTHETIC_EXAMPLES = {"train": 512, "test": 128}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -263,10 +264,27 @@ def tfds_source(name: str, split: str, *, data_dir: str | None = None,
                 features["label"].num_classes, True, make)
 
 
+def synthetic_split(split: str, image_size: int, channels: int = 3, num_classes: int = 1000
+                    ) -> tuple[np.ndarray, np.ndarray]:
+  """Random uint8 images and labels, for speed measurements without a dataset."""
+  count = SYNTHETIC_EXAMPLES[split] if split in SYNTHETIC_EXAMPLES else None
+  if count is None:
+    raise ValueError(f"synthetic has splits {tuple(SYNTHETIC_EXAMPLES)}; got {split!r}")
+  rng = np.random.default_rng(zlib.crc32(split.encode()))
+  images = rng.integers(0, 256, (count, image_size, image_size, channels), np.uint8)
+  return images, rng.integers(0, num_classes, count)
+
+
 def create_source(dataset: str, split: str, *, data_dir: str | None = None,
                   manual_dir: str | None = None, train: bool = True,
-                  skip_bad_images: bool = False) -> Source:
-  """``digits``, ``folder:/path`` or any TFDS name; train splits drop the uneven remainder."""
+                  skip_bad_images: bool = False, image_size: int = 224, channels: int = 3
+                  ) -> Source:
+  """``digits``, ``synthetic``, ``folder:/path`` or any TFDS name; train splits drop the uneven
+  remainder. ``image_size`` and ``channels`` only shape ``synthetic``'s images."""
+  if dataset == "synthetic":
+    images, labels = synthetic_split(split, image_size, channels)
+    return array_source(images, labels, name="synthetic", split=split, num_classes=1000,
+                        drop_remainder=train)
   if dataset == "digits":
     images, labels = digits_split(split)
     return array_source(images, labels, name="digits", split=split, num_classes=10,
@@ -419,11 +437,9 @@ class Preprocess:
     if self.train_preset != "small_noflip":
       image = tf.image.stateless_random_flip_left_right(image, flip_seed)
     if self.train_preset == "paper":
-      image = _pca_noise(image / 255.0, colour_seed) - tf.constant(self.mean, tf.float32)
-    else:
-      image = _normalize(image, self.mean, self.std)
-    return tf.cast(tf.ensure_shape(image, (self.image_size, self.image_size, self.channels)),
-                   self.dtype)
+      image = _pca_noise(image / 255.0, colour_seed) * 255.0
+    return self._normalize(tf.ensure_shape(image, (self.image_size, self.image_size,
+                                                   self.channels)))
 
   def eval(self, image: tf.Tensor) -> tf.Tensor:
     image = tf.cast(image, tf.float32)
@@ -432,13 +448,15 @@ class Preprocess:
                               antialias=True)
     else:
       image = _resize_shorter(image, self.resize_size)
+      if self.train_preset == "paper":  # the paper's crops come from the centre square
+        image = _center_crop(image, self.resize_size)
       image = (ten_crop if self.eval_preset == "ten_crop" else _center_crop)(image,
                                                                                self.image_size)
-    if self.train_preset == "paper":
-      image = image / 255.0 - tf.constant(self.mean, tf.float32)
-    else:
-      image = _normalize(image, self.mean, self.std)
-    return tf.cast(image, self.dtype)
+    return self._normalize(image)
+
+  def _normalize(self, image: tf.Tensor) -> tf.Tensor:
+    std = (1.0,) * self.channels if self.train_preset == "paper" else self.std
+    return tf.cast(_normalize(image, self.mean, std), self.dtype)
 
 
 # ----------------------------------------------------------------------------------------------

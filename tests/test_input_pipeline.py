@@ -74,6 +74,26 @@ def test_resume_is_exact_across_an_epoch_boundary():
   assert not np.array_equal(straight[0]["label"], straight[22]["label"])
 
 
+def test_tensorflow_sees_no_gpu():
+  assert tf.config.get_visible_devices("GPU") == []
+
+
+@pytest.mark.parametrize("processes", [1, 3, 8])
+def test_each_process_reads_a_disjoint_part(monkeypatch, processes):
+  monkeypatch.setattr(jax, "process_count", lambda: processes)
+  parts = {}
+  for drop in (True, False):
+    for index in range(processes):
+      monkeypatch.setattr(jax, "process_index", lambda: index)
+      parts[drop, index] = ip._process_slice(1001, drop)
+  train = [set(range(1001)[parts[True, i][0]]) for i in range(processes)]
+  assert len({len(t) for t in train}) == 1 and sum(map(len, train)) == 1001 // processes * processes
+  evals = [set(range(1001)[parts[False, i][0]]) for i in range(processes)]
+  assert set().union(*evals) == set(range(1001)) and sum(map(len, evals)) == 1001
+  assert {parts[False, i][1] for i in range(processes)} == {max(map(len, evals))}
+  assert len(set().union(*train)) == sum(map(len, train))
+
+
 def test_eval_sees_every_example_once_padded_and_masked():
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (1001, 8, 8, 1), np.uint8)
