@@ -490,6 +490,15 @@ def _example_seeds(seed: int, epoch: int) -> int:
   return zlib.crc32(f"{seed}/{jax.process_index()}/{epoch}".encode()) & 0x7FFFFFFF
 
 
+def _with_options(ds: tf.data.Dataset) -> tf.data.Dataset:
+  options = tf.data.Options()
+  options.deterministic = True
+  # One thread per op: parallelism comes from map's parallel calls, and TF's op-level threads
+  # would otherwise fight XLA's for the same cores.
+  options.threading.max_intra_op_parallelism = 1
+  return ds.with_options(options)
+
+
 def _bad_image_error(source: Source, error: Exception) -> Exception:
   """Finds which files of a folder source broke decoding and names them."""
   if not source.files:
@@ -546,7 +555,7 @@ class TrainIterator:
 
     ds = ds.map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(self.batch_size, drop_remainder=True)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    return _with_options(ds.prefetch(tf.data.AUTOTUNE))
 
   def _generate(self, start_step: int) -> Iterator[dict[str, np.ndarray]]:
     epoch, skip = divmod(start_step, self.steps_per_epoch)
@@ -589,7 +598,7 @@ def eval_batches(source: Source, preprocess: Preprocess, global_batch: int, *,
   padding = tf.data.Dataset.from_tensors({
       "image": tf.zeros(shape, preprocess.dtype), "label": tf.constant(0, tf.int32),
       "mask": tf.constant(False)}).repeat(total - source.num_examples)
-  ds = ds.concatenate(padding).batch(batch_size).prefetch(tf.data.AUTOTUNE)
+  ds = _with_options(ds.concatenate(padding).batch(batch_size).prefetch(tf.data.AUTOTUNE))
   for batch in _numpy_batches(ds, source):
     yield _to_layout(batch, layout)
 

@@ -1,0 +1,359 @@
+"""Training and evaluation: one per-device step body, wrapped by ``jax.pmap`` or ``jax.jit`` +
+``jax.shard_map``; ``train_and_evaluate(config, workdir)`` is the whole job.
+
+The state is kept unreplicated in both modes (pmap broadcasts it with ``in_axes=None``), so a
+checkpoint does not depend on the number of devices that wrote it.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import time
+from typing import Any, Callable, Iterator, Mapping
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from alexnet_jax import checkpointing, optim
+from alexnet_jax import input_pipeline as ip
+from alexnet_jax.metric_log import MetricLogger
+from alexnet_jax.models import AlexNet, create_model, init_params
+
+AXIS = "data"
+PARALLEL_MODES = ("pmap", "jit")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class TrainState(flax.struct.PyTreeNode):
+  step: jax.Array
+  params: Any
+  opt_state: optax.OptState
+  rng: jax.Array  # raw uint32 key: checkpointable as a plain array
+  plateau: Any  # reduce-on-plateau state (updated on the host after evaluations)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model, state, loss and metrics.
+
+
+def model_overrides(config: Any) -> dict[str, Any]:
+  """The AlexNet settings the config sets (unset placeholders are None)."""
+  return {k: v for k, v in dict(config.get("model_overrides") or {}).items() if v is not None}
+
+
+def create_model_from_config(config: Any, num_classes: int) -> AlexNet:
+  overrides = model_overrides(config)
+  overrides.setdefault("num_classes", num_classes)
+  overrides.setdefault("in_channels", config.channels)
+  if config.dtype not in DTYPES:
+    raise ValueError(f"config.dtype must be one of {tuple(DTYPES)}; got {config.dtype!r}")
+  return create_model(config.model, dtype=DTYPES[config.dtype], **overrides)
+
+
+def create_train_state(config: Any, model: AlexNet, tx: optax.GradientTransformation,
+                       params: Any | None = None) -> TrainState:
+  """A fresh state; ``params`` (e.g. converted PyTorch weights) replace the random init."""
+  rng = jax.random.PRNGKey(config.seed)
+  init_rng, state_rng = jax.random.split(rng)
+  if params is None:
+    params = init_params(model, init_rng)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    rng=state_rng, plateau=optim.init_plateau(config))
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0
+                  ) -> jax.Array:
+  """Per-example cross-entropy, with optional label smoothing."""
+  targets = jax.nn.one_hot(labels, logits.shape[-1])
+  if label_smoothing:
+    targets = optax.smooth_labels(targets, label_smoothing)
+  return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
+  """1.0 where the label is among the ``k`` highest logits (ties count against it)."""
+  label_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)
+  higher = jnp.sum(logits > label_logit, axis=-1)
+  return (higher < k).astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# The per-device step bodies. ``axis_name`` is the data axis of pmap or shard_map.
+
+
+def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: AlexNet,
+               tx: optax.GradientTransformation, label_smoothing: float = 0.0,
+               axis_name: str = AXIS) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One SGD step on this device's part of the batch; gradients are averaged over ``axis_name``."""
+  # Distinct dropout masks per step and per device, all reproducible from the seed.
+  dropout_rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step),
+                                   jax.lax.axis_index(axis_name))
+
+  def loss_fn(params):
+    logits = model.apply({"params": params}, batch["image"], train=True,
+                         rngs={"dropout": dropout_rng})
+    return cross_entropy(logits, batch["label"], label_smoothing).mean(), logits
+
+  (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grads = jax.lax.pmean(grads, axis_name)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = jax.lax.pmean({"train_loss": loss,
+                           "train_top1": topk_correct(logits, batch["label"], 1).mean()},
+                          axis_name)
+  metrics["lr"] = optim.current_learning_rate(opt_state)
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+  return new_state, metrics
+
+
+def eval_step(params: Any, batch: Mapping[str, jax.Array], *, model: AlexNet,
+              axis_name: str = AXIS) -> dict[str, jax.Array]:
+  """Sums of loss and top-1/top-5 hits over the real (masked) rows, summed over devices.
+
+  Ten-crop batches (N, 10, H, W, C) are scored on the mean of the 10 softmaxes.
+  """
+  images, labels, mask = batch["image"], batch["label"], batch["mask"].astype(jnp.float32)
+  if images.ndim == 5:
+    n, views = images.shape[:2]
+    logits = model.apply({"params": params}, images.reshape((n * views,) + images.shape[2:]))
+    probs = jax.nn.softmax(logits.astype(jnp.float32)).reshape(n, views, -1).mean(axis=1)
+    log_probs = jnp.log(probs + 1e-12)
+  else:
+    log_probs = jax.nn.log_softmax(model.apply({"params": params}, images).astype(jnp.float32))
+  nll = -jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
+  sums = {"eval_loss": nll * mask, "eval_top1": topk_correct(log_probs, labels, 1) * mask,
+          "eval_top5": topk_correct(log_probs, labels, 5) * mask, "count": mask}
+  return jax.lax.psum(jax.tree_util.tree_map(jnp.sum, sums), axis_name)
+
+
+# ----------------------------------------------------------------------------------------------
+# The two thin wrappers.
+
+
+@flax.struct.dataclass
+class Steps:
+  """Compiled steps for one parallel mode, and how host batches reach the devices."""
+  train: Callable = flax.struct.field(pytree_node=False)
+  eval: Callable = flax.struct.field(pytree_node=False)
+  put: Callable = flax.struct.field(pytree_node=False)
+  layout: str = flax.struct.field(pytree_node=False)
+  num_devices: int = flax.struct.field(pytree_node=False)
+
+
+def make_steps(mode: str, model: AlexNet, tx: optax.GradientTransformation, *,
+               label_smoothing: float = 0.0, devices: list | None = None) -> Steps:
+  """``pmap`` over the local devices or ``jit(shard_map)`` over a mesh of ``devices``."""
+  if mode not in PARALLEL_MODES:
+    raise ValueError(f"config.parallel must be one of {PARALLEL_MODES}; got {mode!r}")
+  train_body = functools.partial(train_step, model=model, tx=tx, label_smoothing=label_smoothing)
+  eval_body = functools.partial(eval_step, model=model)
+  if mode == "pmap":
+    devices = devices or jax.local_devices()
+    local = NamedSharding(Mesh(np.array(devices), (AXIS,)), P(AXIS))
+    return Steps(
+        train=jax.pmap(train_body, AXIS, in_axes=(None, 0), out_axes=(None, None),
+                       donate_argnums=(0,), devices=devices),
+        eval=jax.pmap(eval_body, AXIS, in_axes=(None, 0), out_axes=None, devices=devices),
+        put=lambda x: jax.device_put(x, local), layout="pmap", num_devices=len(devices))
+  mesh = Mesh(np.array(devices or jax.devices()), (AXIS,))
+  sharded = NamedSharding(mesh, P(AXIS))
+  # check_vma=False: with it on, grad() would psum the gradient of the replicated params on its
+  # own, and the body's explicit pmean would then average a sum; off, the body runs exactly as
+  # under pmap.
+  wrap = lambda body, out: jax.shard_map(body, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=out,
+                                         check_vma=False)
+  return Steps(
+      train=jax.jit(wrap(train_body, (P(), P())), donate_argnums=(0,)),
+      eval=jax.jit(wrap(eval_body, P())),
+      put=lambda x: jax.make_array_from_process_local_data(sharded, x), layout="jit",
+      num_devices=mesh.size)
+
+
+def replicate_state(state: TrainState, steps: Steps, devices: list | None = None) -> TrainState:
+  """Places the state where the jit step wants it (replicated over the mesh)."""
+  if steps.layout == "pmap":
+    return jax.device_put(state)
+  mesh = Mesh(np.array(devices or jax.devices()), (AXIS,))
+  return jax.device_put(state, NamedSharding(mesh, P()))
+
+
+# ----------------------------------------------------------------------------------------------
+# The job.
+
+
+def create_preprocess(config: Any) -> ip.Preprocess:
+  return ip.Preprocess(train_preset=config.train_preset, eval_preset=config.eval_preset,
+                       image_size=config.image_size, resize_size=config.resize_size,
+                       channels=config.channels, pad=config.pad, mean=tuple(config.mean),
+                       std=tuple(config.std))
+
+
+def create_sources(config: Any) -> tuple[ip.Source, ip.Source]:
+  common = dict(data_dir=config.data_dir or None, manual_dir=config.manual_dir or None,
+                skip_bad_images=config.skip_bad_images, image_size=config.image_size,
+                channels=config.channels)
+  return (ip.create_source(config.dataset, config.train_split, train=True, **common),
+          ip.create_source(config.dataset, config.eval_split, train=False, **common))
+
+
+def evaluate(steps: Steps, params: Any, source: ip.Source, preprocess: ip.Preprocess,
+             batch_size: int, prefetch: int = 2) -> dict[str, float]:
+  """Loss, top-1 and top-5 over every example of ``source`` exactly once."""
+  totals = None
+  batches = ip.eval_batches(source, preprocess, batch_size, layout=steps.layout)
+  for batch in ip.prefetch_to_device(batches, prefetch, steps.put):
+    sums = steps.eval(params, batch)
+    totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
+  totals = jax.device_get(totals)
+  count = float(totals.pop("count"))
+  return {k: float(v) / count for k, v in totals.items()} | {"eval_count": count}
+
+
+def _num_train_steps(config: Any, steps_per_epoch: int) -> int:
+  if config.num_train_steps > 0:
+    return config.num_train_steps
+  if config.num_epochs <= 0:
+    raise ValueError("set config.num_epochs or config.num_train_steps to a positive number")
+  return int(math.ceil(config.num_epochs * steps_per_epoch))
+
+
+def _every(config_steps: int, config_epochs: float, steps_per_epoch: int) -> int:
+  if config_steps > 0:
+    return config_steps
+  return max(1, int(round(config_epochs * steps_per_epoch))) if config_epochs > 0 else 0
+
+
+def _progress(step: int, total: int, metrics: Mapping[str, float], start: float,
+              start_step: int) -> str:
+  elapsed = time.time() - start
+  eta = elapsed / max(step - start_step, 1) * (total - step)
+  return (f"step {step}/{total}  loss {metrics['train_loss']:.4f}  "
+          f"top1 {metrics['train_top1']:.3f}  lr {metrics['lr']:.3g}  "
+          f"{metrics['images_per_sec']:.0f} img/s  ETA {eta / 60:.1f} min")
+
+
+def train_and_evaluate(config: Any, workdir: str) -> TrainState:
+  """Trains ``config`` in ``workdir``, resuming from its latest checkpoint if there is one."""
+  main_process = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  train_source, eval_source = create_sources(config)
+  preprocess = create_preprocess(config)
+  model = create_model_from_config(config, train_source.num_classes)
+  local_batch = ip.local_batch_size(config.batch_size)
+  steps_per_epoch = train_source.num_examples // local_batch
+  num_steps = _num_train_steps(config, steps_per_epoch)
+  tx = optim.create_optimizer(config, steps_per_epoch, num_steps)
+  steps = make_steps(config.parallel, model, tx, label_smoothing=config.label_smoothing)
+
+  manager = checkpointing.create_manager(workdir, config)
+  state = create_train_state(config, model, tx, params=_initial_params(config, model))
+  restored = checkpointing.restore(manager, state, "latest")
+  if restored is not None:
+    state = restored
+    if main_process:
+      print(f"resumed from {manager.directory} at step {int(state.step)}", flush=True)
+  start_step = int(state.step)
+  state = replicate_state(state, steps)
+  log = MetricLogger(workdir, enabled=main_process, tensorboard=config.tensorboard)
+  log.resume_at(start_step)
+
+  log_every = max(1, config.log_every_steps)
+  eval_every = _every(config.eval_every_steps, config.eval_every_epochs, steps_per_epoch)
+  ckpt_every = _every(config.checkpoint_every_steps, 0, steps_per_epoch)
+  halt = config.halt_at_step if config.halt_at_step > 0 else num_steps
+  train_iter = ip.TrainIterator(train_source, preprocess, config.batch_size, seed=config.seed,
+                                start_step=start_step, layout=steps.layout)
+  batches = ip.prefetch_to_device(train_iter, config.prefetch, steps.put)
+  if main_process:
+    print(f"{config.model} on {config.dataset}: {num_steps} steps of {config.batch_size} "
+          f"({steps_per_epoch} per epoch), {config.parallel} over {steps.num_devices} device(s)",
+          flush=True)
+
+  pending, window_start, start = [], time.time(), time.time()
+  step = start_step
+  try:
+    while step < min(num_steps, halt):
+      state, metrics = steps.train(state, next(batches))
+      step += 1
+      pending.append(metrics)
+      do_eval = step == num_steps or (eval_every and step % eval_every == 0)
+      do_ckpt = do_eval or step == halt or (ckpt_every and step % ckpt_every == 0)
+      if step % log_every == 0 or do_ckpt:
+        summary = _summarise(pending, step, window_start, config.batch_size)
+        pending, window_start = [], time.time()
+        log.write(step, summary)
+        if main_process:
+          print(_progress(step, num_steps, summary, start, start_step), flush=True)
+      eval_metrics = None
+      if do_eval:
+        eval_metrics = evaluate(steps, state.params, eval_source, preprocess,
+                                config.eval_batch_size or config.batch_size, config.prefetch)
+        log.write(step, eval_metrics)
+        if main_process:
+          print(f"eval at step {step}: loss {eval_metrics['eval_loss']:.4f}  "
+                f"top1 {eval_metrics['eval_top1']:.4f}  top5 {eval_metrics['eval_top5']:.4f}  "
+                f"({int(eval_metrics['eval_count'])} examples)", flush=True)
+        if config.schedule == "plateau":
+          plateau, opt_state = optim.update_plateau(config, state.plateau, state.opt_state,
+                                                    1.0 - eval_metrics["eval_top1"])
+          state = state.replace(plateau=plateau, opt_state=opt_state)
+      if do_ckpt:
+        checkpointing.save(manager, step, state, train_iter.state(), config, eval_metrics)
+        window_start = time.time()  # the throughput figure is of training alone
+  finally:
+    manager.wait_until_finished()
+    manager.close()
+    log.close()
+  return jax.device_get(state)
+
+
+def _summarise(pending: list[dict], step: int, window_start: float, batch_size: int
+               ) -> dict[str, float]:
+  """Means over the steps since the last log; a NaN/inf loss stops the run before any save."""
+  values = jax.device_get(pending)
+  losses = np.array([m["train_loss"] for m in values])
+  if not np.all(np.isfinite(losses)):
+    bad = step - len(losses) + int(np.argmin(np.isfinite(losses))) + 1
+    raise FloatingPointError(
+        f"training loss became {losses[~np.isfinite(losses)][0]} at step {bad}; stopping. The "
+        "last checkpoint was written before it. Lower the learning rate or check the data.")
+  summary = {k: float(np.mean([m[k] for m in values])) for k in ("train_loss", "train_top1")}
+  summary["lr"] = float(values[-1]["lr"])
+  summary["images_per_sec"] = len(values) * batch_size / max(time.time() - window_start, 1e-9)
+  return summary
+
+
+def _initial_params(config: Any, model: AlexNet) -> Any | None:
+  """Params from ``config.init_from`` (a checkpoint, .pth or .msgpack), or None."""
+  if not config.init_from:
+    return None
+  return checkpointing.load_pretrained(config.init_from, config, model)
+
+
+def evaluate_checkpoint(config: Any, workdir: str, which: str | None = None) -> dict[str, float]:
+  """``--mode eval``: evaluates the latest (or best) checkpoint of ``workdir``."""
+  which = which or config.eval_checkpoint
+  _, eval_source = create_sources(config)
+  preprocess = create_preprocess(config)
+  model = create_model_from_config(config, eval_source.num_classes)
+  tx = optim.create_optimizer(config, 1, 10**9)  # the state's layout is all that matters here
+  steps = make_steps(config.parallel, model, tx)
+  manager = checkpointing.create_manager(workdir, config)
+  try:
+    state = checkpointing.restore(manager, create_train_state(config, model, tx), which)
+  finally:
+    manager.close()
+  if state is None:
+    raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}")
+  metrics = evaluate(steps, replicate_state(state, steps).params, eval_source, preprocess,
+                     config.eval_batch_size or config.batch_size, config.prefetch)
+  if jax.process_index() == 0:
+    print(f"{which} checkpoint (step {int(state.step)}): " +
+          "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
+  return metrics
