@@ -73,6 +73,26 @@ def test_every_variant_trains_a_few_steps(variant):
   assert _max_rel(jax.device_get(state.params), before) > 0
 
 
+def test_bfloat16_compute_keeps_float32_params(tmp_path):
+  state = training.train_and_evaluate(tiny_config(dtype="bfloat16", num_train_steps=2,
+                                                  eval_every_steps=2), str(tmp_path))
+  leaves = jax.tree_util.tree_leaves(state.params)
+  assert all(x.dtype == np.float32 for x in leaves)
+  assert all(np.isfinite(m.get("train_loss", 0.0)) for m in _metrics(tmp_path))
+
+
+def test_cross_entropy_label_smoothing_and_topk():
+  logits = np.log(np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]], np.float32))
+  labels = np.array([0, 1])
+  plain = np.asarray(training.cross_entropy(logits, labels))
+  np.testing.assert_allclose(plain, -np.log([0.7, 0.3]), rtol=1e-6)
+  smooth = np.asarray(training.cross_entropy(logits, labels, 0.3))
+  targets = np.eye(3)[labels] * 0.7 + 0.1
+  np.testing.assert_allclose(smooth, -(targets * logits).sum(-1), rtol=1e-6)
+  np.testing.assert_array_equal(training.topk_correct(logits, labels, 1), [1, 0])
+  np.testing.assert_array_equal(training.topk_correct(logits, labels, 2), [1, 1])
+
+
 def test_quickstart_learns_digits(tmp_path):
   # The README quickstart cut to half its epochs (the full run reaches 95.8%; it needs about 2
   # epochs to leave chance level, then climbs fast): the real model on real digits.
@@ -170,18 +190,35 @@ def test_init_from_pth_replaces_the_head_only_when_asked(tmp_path):
   training.train_and_evaluate(config, str(tmp_path / "b"))
 
 
-def test_parallel_modes_agree_and_checkpoints_move_between_device_counts(tmp_path):
-  code = textwrap.dedent(f"""
-      import sys, numpy as np, jax
-      sys.path.insert(0, {ROOT!r}); sys.path.insert(0, {os.path.dirname(__file__)!r})
-      from test_training import tiny_config, _max_rel
-      from alexnet_jax import training
-      assert jax.device_count() == 8
-      results = {{}}
+EIGHT_DEVICES_PRELUDE = f"""
+import sys, numpy as np, jax
+sys.path.insert(0, {ROOT!r}); sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+from test_training import tiny_config, _max_rel
+from alexnet_jax import training
+assert jax.device_count() == 8
+"""
+
+
+def _run_on_eight_devices(code):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-c", EIGHT_DEVICES_PRELUDE + textwrap.dedent(code)],
+                       env=env, capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-4000:]
+
+
+def _no_dropout_config(**overrides):
+  config = tiny_config(**overrides)
+  config.model_overrides.dropout_rate = 0.0  # masks depend on the device count
+  return config
+
+
+def test_pmap_jit_and_one_device_give_the_same_parameters():
+  _run_on_eight_devices("""
+      results = {}
       for mode, devices in (("pmap", jax.devices()), ("jit", jax.devices()),
                             ("jit", jax.devices()[:1])):
-        config = tiny_config(num_train_steps=5, batch_size=16, eval_every_steps=0,
-                             eval_every_epochs=0.0)
+        config = tiny_config(num_train_steps=5, batch_size=16)
         config.model_overrides.dropout_rate = 0.0
         model = training.create_model_from_config(config, 10)
         tx = training.optim.create_optimizer(config, 89, 5)
@@ -194,28 +231,39 @@ def test_parallel_modes_agree_and_checkpoints_move_between_device_counts(tmp_pat
         for _ in range(5):
           state, _ = steps.train(state, jax.tree_util.tree_map(steps.put, next(it)))
         results[mode, len(devices)] = jax.device_get(state.params)
-      ref = results["jit", 1]
       for key, params in results.items():
-        rel = _max_rel(params, ref)
-        assert rel <= 1e-5, (key, rel)
+        rel = _max_rel(params, results["jit", 1])
         print(key, rel)
-      # A run on 8 devices writes the checkpoint that the 1-device process below resumes.
-      config = tiny_config(halt_at_step=4, parallel="pmap")
-      config.model_overrides.dropout_rate = 0.0  # masks depend on the device count
-      training.train_and_evaluate(config, {str(tmp_path)!r})
+        assert rel <= 1e-5, (key, rel)
       print("ok")
   """)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                       timeout=900)
-  assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-4000:]
-  config = tiny_config()
-  config.model_overrides.dropout_rate = 0.0
-  state = training.train_and_evaluate(config, str(tmp_path))  # 1 device, from step 4
+
+
+def test_checkpoints_move_between_device_counts(tmp_path):
+  # 8 devices (pmap) to step 3, 1 device to step 6, 8 devices (jit) to the end: the same
+  # parameters as one device all the way.
+  workdir = str(tmp_path / "moved")
+  _run_on_eight_devices(f"""
+      from test_training import _no_dropout_config
+      config = _no_dropout_config(halt_at_step=3, parallel="pmap")
+      training.train_and_evaluate(config, {workdir!r})
+      print("ok")
+  """)
+  training.train_and_evaluate(_no_dropout_config(halt_at_step=6), workdir)
+  _run_on_eight_devices(f"""
+      from test_training import _no_dropout_config
+      training.train_and_evaluate(_no_dropout_config(), {workdir!r})
+      print("ok")
+  """)
+  manager = checkpointing.create_manager(workdir, tiny_config())
+  assert manager.latest_step() == 8
+  config = _no_dropout_config()
+  model = training.create_model_from_config(config, 10)
+  tx = training.optim.create_optimizer(config, 89, 8)
+  moved = checkpointing.restore(manager, training.create_train_state(config, model, tx))
+  manager.close()
   reference = training.train_and_evaluate(config, str(tmp_path / "straight"))
-  assert int(state.step) == 8
-  assert _max_rel(state.params, reference.params) <= 1e-5
+  assert _max_rel(moved.params, reference.params) <= 1e-5
 
 
 def test_cli_trains_evaluates_and_plots(tmp_path):
@@ -229,6 +277,7 @@ def test_cli_trains_evaluates_and_plots(tmp_path):
   out = run()
   assert out.returncode == 0, out.stderr[-3000:]
   assert "step 4/4" in out.stdout and "eval at step 4" in out.stdout
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(f"{workdir}/tensorboard"))
   out = run("--mode=eval", "--config.eval_checkpoint=best")
   assert out.returncode == 0 and "best checkpoint (step" in out.stdout, out.stderr[-3000:]
   out = subprocess.run([sys.executable, "-m", "alexnet_jax.plot", workdir], capture_output=True,
