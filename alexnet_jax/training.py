@@ -87,13 +87,16 @@ def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
 # The per-device step bodies. ``axis_name`` is the data axis of pmap or shard_map.
 
 
+def step_rng(rng: jax.Array, step: jax.Array, axis_name: str = AXIS) -> jax.Array:
+  """Distinct per step and per device, and reproducible from the seed (for dropout masks)."""
+  return jax.random.fold_in(jax.random.fold_in(rng, step), jax.lax.axis_index(axis_name))
+
+
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: AlexNet,
                tx: optax.GradientTransformation, label_smoothing: float = 0.0,
                axis_name: str = AXIS) -> tuple[TrainState, dict[str, jax.Array]]:
   """One SGD step on this device's part of the batch; gradients are averaged over ``axis_name``."""
-  # Distinct dropout masks per step and per device, all reproducible from the seed.
-  dropout_rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step),
-                                   jax.lax.axis_index(axis_name))
+  dropout_rng = step_rng(state.rng, state.step, axis_name)
 
   def loss_fn(params):
     logits = model.apply({"params": params}, batch["image"], train=True,
