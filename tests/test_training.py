@@ -187,7 +187,11 @@ def test_init_from_pth_replaces_the_head_only_when_asked(tmp_path):
                                              **TINY)
   np.testing.assert_array_equal(params["conv1"]["kernel"], expected["conv1"]["kernel"])
   assert params["fc3"]["kernel"].shape == (32, 10)
-  training.train_and_evaluate(config, str(tmp_path / "b"))
+  trained = training.train_and_evaluate(config, str(tmp_path / "b"))
+  # Another run's workdir is a starting point too: its latest params, a fresh optimizer.
+  config = tiny_config(init_from=str(tmp_path / "b"))
+  from_run = checkpointing.load_pretrained(config.init_from, config, model)
+  _assert_trees_equal(from_run, trained.params)
 
 
 EIGHT_DEVICES_PRELUDE = f"""
