@@ -11,7 +11,7 @@ import functools
 import math
 import os
 import time
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import flax
 import jax
