@@ -101,8 +101,10 @@ def load_pretrained(path: str, config: Any, model: AlexNet) -> Any:
     params = load_params(path)
   else:
     params = _restore_params(path)
+  from alexnet_jax.torch_interop import flax_param_shapes
+
   params = jax.tree_util.tree_map(np.asarray, params)
-  fresh = init_params(model, jax.random.PRNGKey(config.seed))
+  fresh = flax_param_shapes(model)  # shapes only: nothing is initialised unless the head is
   shape = lambda t: jax.tree_util.tree_map(np.shape, t)
   if set(params) != set(fresh):
     raise ValueError(f"init_from={path!r} has layers {sorted(params)}, the model has "
@@ -118,5 +120,5 @@ def load_pretrained(path: str, config: Any, model: AlexNet) -> Any:
           f"init_from={path!r} has a {shape(params['fc3'])['kernel'][1]}-class head, the model "
           f"{model.num_classes} classes; set config.init_replace_head=True to start the head "
           "afresh")
-    params["fc3"] = fresh["fc3"]
+    params["fc3"] = init_params(model, jax.random.PRNGKey(config.seed))["fc3"]
   return params

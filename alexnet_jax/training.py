@@ -145,6 +145,7 @@ class Steps:
   train: Callable = flax.struct.field(pytree_node=False)
   eval: Callable = flax.struct.field(pytree_node=False)
   put: Callable = flax.struct.field(pytree_node=False)
+  state_sharding: jax.sharding.Sharding = flax.struct.field(pytree_node=False)
   layout: str = flax.struct.field(pytree_node=False)
   num_devices: int = flax.struct.field(pytree_node=False)
 
@@ -158,12 +159,14 @@ def make_steps(mode: str, model: AlexNet, tx: optax.GradientTransformation, *,
   eval_body = functools.partial(eval_step, model=model)
   if mode == "pmap":
     devices = devices or jax.local_devices()
-    local = NamedSharding(Mesh(np.array(devices), (AXIS,)), P(AXIS))
+    local_mesh = Mesh(np.array(devices), (AXIS,))
+    local = NamedSharding(local_mesh, P(AXIS))
     return Steps(
         train=jax.pmap(train_body, AXIS, in_axes=(None, 0), out_axes=(None, None),
                        donate_argnums=(0,), devices=devices),
         eval=jax.pmap(eval_body, AXIS, in_axes=(None, 0), out_axes=None, devices=devices),
-        put=lambda x: jax.device_put(x, local), layout="pmap", num_devices=len(devices))
+        put=lambda x: jax.device_put(x, local), state_sharding=NamedSharding(local_mesh, P()),
+        layout="pmap", num_devices=len(devices))
   mesh = Mesh(np.array(devices or jax.devices()), (AXIS,))
   sharded = NamedSharding(mesh, P(AXIS))
   # check_vma=False: with it on, grad() would psum the gradient of the replicated params on its
@@ -174,16 +177,13 @@ def make_steps(mode: str, model: AlexNet, tx: optax.GradientTransformation, *,
   return Steps(
       train=jax.jit(wrap(train_body, (P(), P())), donate_argnums=(0,)),
       eval=jax.jit(wrap(eval_body, P())),
-      put=lambda x: jax.make_array_from_process_local_data(sharded, x), layout="jit",
-      num_devices=mesh.size)
+      put=lambda x: jax.make_array_from_process_local_data(sharded, x),
+      state_sharding=NamedSharding(mesh, P()), layout="jit", num_devices=mesh.size)
 
 
-def replicate_state(state: TrainState, steps: Steps, devices: list | None = None) -> TrainState:
-  """Places the state where the jit step wants it (replicated over the mesh)."""
-  if steps.layout == "pmap":
-    return jax.device_put(state)
-  mesh = Mesh(np.array(devices or jax.devices()), (AXIS,))
-  return jax.device_put(state, NamedSharding(mesh, P()))
+def replicate_state(state: TrainState, steps: Steps) -> TrainState:
+  """Places the state where ``steps`` want it: replicated over their devices."""
+  return jax.device_put(state, steps.state_sharding)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -197,12 +197,17 @@ def create_preprocess(config: Any) -> ip.Preprocess:
                        std=tuple(config.std))
 
 
+def create_source(config: Any, train: bool) -> ip.Source:
+  """The config's train or eval split."""
+  return ip.create_source(config.dataset, config.train_split if train else config.eval_split,
+                          train=train, data_dir=config.data_dir or None,
+                          manual_dir=config.manual_dir or None,
+                          skip_bad_images=config.skip_bad_images, image_size=config.image_size,
+                          channels=config.channels)
+
+
 def create_sources(config: Any) -> tuple[ip.Source, ip.Source]:
-  common = dict(data_dir=config.data_dir or None, manual_dir=config.manual_dir or None,
-                skip_bad_images=config.skip_bad_images, image_size=config.image_size,
-                channels=config.channels)
-  return (ip.create_source(config.dataset, config.train_split, train=True, **common),
-          ip.create_source(config.dataset, config.eval_split, train=False, **common))
+  return create_source(config, train=True), create_source(config, train=False)
 
 
 def evaluate(steps: Steps, params: Any, source: ip.Source, preprocess: ip.Preprocess,
@@ -255,10 +260,12 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainState:
   steps = make_steps(config.parallel, model, tx, label_smoothing=config.label_smoothing)
 
   manager = checkpointing.create_manager(workdir, config)
-  state = create_train_state(config, model, tx, params=_initial_params(config, model))
-  restored = checkpointing.restore(manager, state, "latest")
-  if restored is not None:
-    state = restored
+  resuming = manager.latest_step() is not None
+  # init_from only seeds a fresh run; a resumed one has its own weights.
+  state = create_train_state(config, model, tx,
+                             params=None if resuming else _initial_params(config, model))
+  if resuming:
+    state = checkpointing.restore(manager, state, "latest")
     if main_process:
       print(f"resumed from {manager.directory} at step {int(state.step)}", flush=True)
   start_step = int(state.step)
@@ -342,7 +349,7 @@ def _initial_params(config: Any, model: AlexNet) -> Any | None:
 def evaluate_checkpoint(config: Any, workdir: str, which: str | None = None) -> dict[str, float]:
   """``--mode eval``: evaluates the latest (or best) checkpoint of ``workdir``."""
   which = which or config.eval_checkpoint
-  _, eval_source = create_sources(config)
+  eval_source = create_source(config, train=False)
   preprocess = create_preprocess(config)
   model = create_model_from_config(config, eval_source.num_classes)
   tx = optim.create_optimizer(config, 1, 10**9)  # the state's layout is all that matters here

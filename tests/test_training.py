@@ -227,8 +227,7 @@ def test_pmap_jit_and_one_device_give_the_same_parameters():
         model = training.create_model_from_config(config, 10)
         tx = training.optim.create_optimizer(config, 89, 5)
         steps = training.make_steps(mode, model, tx, devices=devices)
-        state = training.replicate_state(training.create_train_state(config, model, tx), steps,
-                                         devices)
+        state = training.replicate_state(training.create_train_state(config, model, tx), steps)
         src, _ = training.create_sources(config)
         it = training.ip.TrainIterator(src, training.create_preprocess(config), 16,
                                        layout=steps.layout)
