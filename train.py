@@ -2,6 +2,11 @@
 
 Override any config field with ``--config.FIELD=VALUE``; ``--mode eval`` evaluates the latest (or
 ``--config.eval_checkpoint=best``) checkpoint of the workdir.
+
+Multi-process (multi-host): start the same command in every process with ``--distributed`` (Cloud
+TPU pod slices, SLURM, Open MPI: JAX finds the rest) or with ``--coordinator_address``,
+``--num_processes`` and ``--process_id`` (or ``$JAX_COORDINATOR_ADDRESS``, ``$JAX_NUM_PROCESSES``,
+``$JAX_PROCESS_ID``).
 """
 
 import os
@@ -16,6 +21,20 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and m
                                required=True)
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"],
                           "train (resuming from the workdir's latest checkpoint) or eval.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Start jax.distributed, detecting the processes from the cluster "
+    "(Cloud TPU pod slice, SLURM, Open MPI). Implied by the three flags below.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, reachable from every process "
+    "(default: $JAX_COORDINATOR_ADDRESS).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
+                                      "Number of processes (default: $JAX_NUM_PROCESSES).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None,
+                                   "This process's index, 0 .. num_processes - 1 "
+                                   "(default: $JAX_PROCESS_ID).")
+_HEARTBEAT = flags.DEFINE_integer(
+    "heartbeat_timeout", 100, "Seconds without a heartbeat after which a process counts as dead "
+    "and the others stop.")
 
 
 def main(argv):
@@ -23,12 +42,15 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
-  from alexnet_jax import training  # after flag parsing: --help stays fast
+  from alexnet_jax import distributed  # after flag parsing: --help stays fast
 
-  if _MODE.value == "train":
-    training.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  else:
-    training.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value)
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                         auto_detect=_DISTRIBUTED.value,
+                         heartbeat_timeout_seconds=_HEARTBEAT.value)
+  from alexnet_jax import training
+
+  run = training.train_and_evaluate if _MODE.value == "train" else training.evaluate_checkpoint
+  distributed.run_or_abort(lambda: run(_CONFIG.value, _WORKDIR.value))
 
 
 if __name__ == "__main__":

@@ -152,23 +152,33 @@ class Steps:
 
 def make_steps(mode: str, model: AlexNet, tx: optax.GradientTransformation, *,
                label_smoothing: float = 0.0, devices: list | None = None) -> Steps:
-  """``pmap`` over the local devices or ``jit(shard_map)`` over a mesh of ``devices``."""
+  """``pmap`` or ``jit(shard_map)`` over ``devices`` (default: all devices of all processes).
+
+  Each process feeds its own rows: a leading axis of its local devices (pmap), or its slice of
+  the global batch (jit, through ``jax.make_array_from_process_local_data``).
+  """
   if mode not in PARALLEL_MODES:
     raise ValueError(f"config.parallel must be one of {PARALLEL_MODES}; got {mode!r}")
   train_body = functools.partial(train_step, model=model, tx=tx, label_smoothing=label_smoothing)
   eval_body = functools.partial(eval_step, model=model)
-  if mode == "pmap":
-    devices = devices or jax.local_devices()
-    local_mesh = Mesh(np.array(devices), (AXIS,))
-    local = NamedSharding(local_mesh, P(AXIS))
-    return Steps(
-        train=jax.pmap(train_body, AXIS, in_axes=(None, 0), out_axes=(None, None),
-                       donate_argnums=(0,), devices=devices),
-        eval=jax.pmap(eval_body, AXIS, in_axes=(None, 0), out_axes=None, devices=devices),
-        put=lambda x: jax.device_put(x, local), state_sharding=NamedSharding(local_mesh, P()),
-        layout="pmap", num_devices=len(devices))
   mesh = Mesh(np.array(devices or jax.devices()), (AXIS,))
-  sharded = NamedSharding(mesh, P(AXIS))
+  # The state is replicated over every device of every process in both modes, so that Orbax can
+  # save and restore it as one global array.
+  replicated = NamedSharding(mesh, P())
+  if mode == "pmap":
+    local = [d for d in mesh.devices if d.process_index == jax.process_index()]
+    local_rows = NamedSharding(Mesh(np.array(local), (AXIS,)), P(AXIS))
+    train = jax.pmap(train_body, AXIS, in_axes=(None, 0), out_axes=(None, None),
+                     donate_argnums=(0,), devices=list(mesh.devices))
+    if jax.process_count() > 1:
+      train = _global_state_outputs(train, replicated)
+    return Steps(
+        train=train,
+        eval=jax.pmap(eval_body, AXIS, in_axes=(None, 0), out_axes=None,
+                      devices=list(mesh.devices)),
+        put=lambda x: jax.device_put(x, local_rows), state_sharding=replicated,
+        layout="pmap", num_devices=mesh.size)
+  rows = NamedSharding(mesh, P(AXIS))
   # check_vma=False: with it on, grad() would psum the gradient of the replicated params on its
   # own, and the body's explicit pmean would then average a sum; off, the body runs exactly as
   # under pmap.
@@ -177,8 +187,21 @@ def make_steps(mode: str, model: AlexNet, tx: optax.GradientTransformation, *,
   return Steps(
       train=jax.jit(wrap(train_body, (P(), P())), donate_argnums=(0,)),
       eval=jax.jit(wrap(eval_body, P())),
-      put=lambda x: jax.make_array_from_process_local_data(sharded, x),
-      state_sharding=NamedSharding(mesh, P()), layout="jit", num_devices=mesh.size)
+      put=lambda x: jax.make_array_from_process_local_data(rows, x),
+      state_sharding=replicated, layout="jit", num_devices=mesh.size)
+
+
+def _global_state_outputs(pmapped: Callable, sharding: NamedSharding) -> Callable:
+  """Over several processes, pmap returns each process's replicas as a host-local array, which
+  Orbax cannot save; this views the same buffers as one global replicated array (no copy)."""
+  def as_global(x):
+    return jax.make_array_from_single_device_arrays(
+        x.shape, sharding, [shard.data for shard in x.addressable_shards])
+
+  def train(state, batch):
+    state, metrics = pmapped(state, batch)
+    return jax.tree_util.tree_map(as_global, state), metrics
+  return train
 
 
 def replicate_state(state: TrainState, steps: Steps) -> TrainState:
@@ -262,14 +285,13 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainState:
   manager = checkpointing.create_manager(workdir, config)
   resuming = manager.latest_step() is not None
   # init_from only seeds a fresh run; a resumed one has its own weights.
-  state = create_train_state(config, model, tx,
-                             params=None if resuming else _initial_params(config, model))
-  if resuming:
+  state = replicate_state(create_train_state(
+      config, model, tx, params=None if resuming else _initial_params(config, model)), steps)
+  if resuming:  # straight into the replicated layout: every process reads its own devices' copy
     state = checkpointing.restore(manager, state, "latest")
     if main_process:
       print(f"resumed from {manager.directory} at step {int(state.step)}", flush=True)
   start_step = int(state.step)
-  state = replicate_state(state, steps)
   log = MetricLogger(workdir, enabled=main_process, tensorboard=config.tensorboard)
   log.resume_at(start_step)
 
@@ -356,12 +378,13 @@ def evaluate_checkpoint(config: Any, workdir: str, which: str | None = None) -> 
   steps = make_steps(config.parallel, model, tx)
   manager = checkpointing.create_manager(workdir, config)
   try:
-    state = checkpointing.restore(manager, create_train_state(config, model, tx), which)
+    state = checkpointing.restore(
+        manager, replicate_state(create_train_state(config, model, tx), steps), which)
   finally:
     manager.close()
   if state is None:
     raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}")
-  metrics = evaluate(steps, replicate_state(state, steps).params, eval_source, preprocess,
+  metrics = evaluate(steps, state.params, eval_source, preprocess,
                      config.eval_batch_size or config.batch_size, config.prefetch)
   if jax.process_index() == 0:
     print(f"{which} checkpoint (step {int(state.step)}): " +
