@@ -26,7 +26,8 @@ from alexnet_jax.metric_log import MetricLogger
 from alexnet_jax.models import AlexNet, create_model, init_params
 
 AXIS = "data"
-PARALLEL_MODES = ("pmap", "jit")
+MODEL_AXIS = "model"  # hybrid mode's second mesh axis, over which the dense layers are split
+PARALLEL_MODES = ("pmap", "jit", "hybrid")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -141,29 +142,49 @@ def eval_step(params: Any, batch: Mapping[str, jax.Array], *, model: AlexNet,
 
 @flax.struct.dataclass
 class Steps:
-  """Compiled steps for one parallel mode, and how host batches reach the devices."""
+  """Compiled steps for one parallel mode, and how host batches and the state reach the devices.
+
+  ``state_sharding(path, leaf)`` is where a leaf of the train state lives.
+  """
   train: Callable = flax.struct.field(pytree_node=False)
   eval: Callable = flax.struct.field(pytree_node=False)
   put: Callable = flax.struct.field(pytree_node=False)
-  state_sharding: jax.sharding.Sharding = flax.struct.field(pytree_node=False)
+  state_sharding: Callable = flax.struct.field(pytree_node=False)
   layout: str = flax.struct.field(pytree_node=False)
   num_devices: int = flax.struct.field(pytree_node=False)
 
 
 def make_steps(mode: str, model: AlexNet, tx: optax.GradientTransformation, *,
-               label_smoothing: float = 0.0, devices: list | None = None) -> Steps:
-  """``pmap`` or ``jit(shard_map)`` over ``devices`` (default: all devices of all processes).
+               label_smoothing: float = 0.0, devices: list | None = None,
+               model_parallel: int = 1) -> Steps:
+  """``pmap``, ``jit(shard_map)`` or ``hybrid`` over ``devices`` (default: all of all processes).
 
   Each process feeds its own rows: a leading axis of its local devices (pmap), or its slice of
-  the global batch (jit, through ``jax.make_array_from_process_local_data``).
+  the global batch (jit and hybrid, through ``jax.make_array_from_process_local_data``).
+  ``hybrid`` ("One weird trick"): the devices form a (data, model) mesh with ``model_parallel``
+  devices on the model axis; the convolutions are data-parallel and the dense layers (and their
+  optimizer state) are split over the model axis, which XLA partitions around the same body.
   """
   if mode not in PARALLEL_MODES:
     raise ValueError(f"config.parallel must be one of {PARALLEL_MODES}; got {mode!r}")
+  devices = np.array(devices or jax.devices())
+  if mode != "hybrid" and model_parallel != 1:
+    raise ValueError(f"model_parallel={model_parallel} needs parallel='hybrid'; got {mode!r}")
+  if model_parallel < 1 or devices.size % model_parallel:
+    raise ValueError(f"model_parallel must be a positive divisor of the {devices.size} devices; "
+                     f"got {model_parallel}")
   train_body = functools.partial(train_step, model=model, tx=tx, label_smoothing=label_smoothing)
   eval_body = functools.partial(eval_step, model=model)
-  mesh = Mesh(np.array(devices or jax.devices()), (AXIS,))
-  # The state is replicated over every device of every process in both modes, so that Orbax can
-  # save and restore it as one global array.
+  if mode == "hybrid":
+    if devices.size // model_parallel < 2:
+      # XLA's partitioner rejects the data axis's all-reduce when that axis has one device.
+      raise ValueError(f"hybrid mode needs at least 2 data-parallel groups: model_parallel "
+                       f"({model_parallel}) must be at most half of the {devices.size} devices")
+    mesh = Mesh(devices.reshape(-1, model_parallel), (AXIS, MODEL_AXIS))
+  else:
+    mesh = Mesh(devices, (AXIS,))
+  # The state is global (over every device of every process) in all modes, so that Orbax can save
+  # and restore it whatever the number of processes.
   replicated = NamedSharding(mesh, P())
   if mode == "pmap":
     local = [d for d in mesh.devices if d.process_index == jax.process_index()]
@@ -176,19 +197,41 @@ def make_steps(mode: str, model: AlexNet, tx: optax.GradientTransformation, *,
         train=train,
         eval=jax.pmap(eval_body, AXIS, in_axes=(None, 0), out_axes=None,
                       devices=list(mesh.devices)),
-        put=lambda x: jax.device_put(x, local_rows), state_sharding=replicated,
+        put=lambda x: jax.device_put(x, local_rows), state_sharding=lambda path, x: replicated,
         layout="pmap", num_devices=mesh.size)
   rows = NamedSharding(mesh, P(AXIS))
   # check_vma=False: with it on, grad() would psum the gradient of the replicated params on its
   # own, and the body's explicit pmean would then average a sum; off, the body runs exactly as
-  # under pmap.
+  # under pmap. Only the data axis is manual: in hybrid mode XLA partitions the model axis.
   wrap = lambda body, out: jax.shard_map(body, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=out,
-                                         check_vma=False)
+                                         axis_names={AXIS}, check_vma=False)
+  state_sharding = lambda path, x: replicated
+  train = wrap(train_body, (P(), P()))
+  if mode == "hybrid":
+    state_sharding = functools.partial(_dense_split, mesh)
+    train = _constrain_state(train, state_sharding)  # keeps the split from step to step
   return Steps(
-      train=jax.jit(wrap(train_body, (P(), P())), donate_argnums=(0,)),
-      eval=jax.jit(wrap(eval_body, P())),
+      train=jax.jit(train, donate_argnums=(0,)), eval=jax.jit(wrap(eval_body, P())),
       put=lambda x: jax.make_array_from_process_local_data(rows, x),
-      state_sharding=replicated, layout="jit", num_devices=mesh.size)
+      state_sharding=state_sharding, layout="jit", num_devices=mesh.size)
+
+
+def _dense_split(mesh: Mesh, path: tuple, x: Any) -> NamedSharding:
+  """Hybrid mode: dense kernels split by output unit (and their biases alike), except a layer
+  whose width the model axis does not divide (e.g. a 10-class head over 4); the rest replicated.
+  Applies to the optimizer state too, whose momentum has the params' paths."""
+  dense = any(isinstance(getattr(k, "key", None), str) and k.key.startswith("fc") for k in path)
+  if not dense or np.ndim(x) not in (1, 2) or np.shape(x)[-1] % mesh.shape[MODEL_AXIS]:
+    return NamedSharding(mesh, P())
+  return NamedSharding(mesh, P(None, MODEL_AXIS) if np.ndim(x) == 2 else P(MODEL_AXIS))
+
+
+def _constrain_state(train: Callable, sharding_of: Callable) -> Callable:
+  def constrained(state, batch):
+    state, metrics = train(state, batch)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: jax.lax.with_sharding_constraint(x, sharding_of(path, x)), state), metrics
+  return constrained
 
 
 def _global_state_outputs(pmapped: Callable, sharding: NamedSharding) -> Callable:
@@ -205,8 +248,8 @@ def _global_state_outputs(pmapped: Callable, sharding: NamedSharding) -> Callabl
 
 
 def replicate_state(state: TrainState, steps: Steps) -> TrainState:
-  """Places the state where ``steps`` want it: replicated over their devices."""
-  return jax.device_put(state, steps.state_sharding)
+  """Places the state where ``steps`` want it (replicated, or split in hybrid mode)."""
+  return jax.device_put(state, jax.tree_util.tree_map_with_path(steps.state_sharding, state))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -280,7 +323,8 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainState:
   steps_per_epoch = train_source.num_examples // local_batch
   num_steps = _num_train_steps(config, steps_per_epoch)
   tx = optim.create_optimizer(config, steps_per_epoch, num_steps)
-  steps = make_steps(config.parallel, model, tx, label_smoothing=config.label_smoothing)
+  steps = make_steps(config.parallel, model, tx, label_smoothing=config.label_smoothing,
+                     model_parallel=config.model_parallel)
 
   manager = checkpointing.create_manager(workdir, config)
   resuming = manager.latest_step() is not None
@@ -375,7 +419,7 @@ def evaluate_checkpoint(config: Any, workdir: str, which: str | None = None) -> 
   preprocess = create_preprocess(config)
   model = create_model_from_config(config, eval_source.num_classes)
   tx = optim.create_optimizer(config, 1, 10**9)  # the state's layout is all that matters here
-  steps = make_steps(config.parallel, model, tx)
+  steps = make_steps(config.parallel, model, tx, model_parallel=config.model_parallel)
   manager = checkpointing.create_manager(workdir, config)
   try:
     state = checkpointing.restore(

@@ -67,9 +67,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.plateau_min_scale = 1e-3
   c.label_smoothing = 0.0
 
-  # Parallelism: pmap (replicated state, batch with a leading device axis) or jit (shard_map
-  # over a mesh of all devices).
+  # Parallelism: pmap (replicated state, batch with a leading device axis), jit (shard_map
+  # over a mesh of all devices) or hybrid (convolutions data-parallel, dense layers split over
+  # model_parallel devices: "One weird trick").
   c.parallel = "jit"
+  c.model_parallel = 1  # hybrid only: devices on the model axis; divides the device count
   c.seed = 0
 
   # Logging, evaluation and checkpoints.

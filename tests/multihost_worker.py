@@ -3,7 +3,8 @@
     python multihost_worker.py MODE NUM_PROCESSES PROCESS_ID PORT OUT_NPZ
 
 Trains the narrow alexnet_small for a few steps on fixed global batches, of which this process
-feeds its own rows, then evaluates one masked global batch. Process 0 writes the parameters and
+feeds its own rows, then evaluates one masked global batch. MODE is pmap, jit or hybrid (with 2
+devices on the model axis). Process 0 writes the parameters and
 the eval sums to OUT_NPZ. Run with ``--xla_force_host_platform_device_count`` in ``XLA_FLAGS``.
 """
 
@@ -50,7 +51,7 @@ def main():
   config = _no_dropout_config(batch_size=GLOBAL_BATCH)
   model = training.create_model_from_config(config, CLASSES)
   tx = training.optim.create_optimizer(config, 10, STEPS)
-  steps = training.make_steps(mode, model, tx)
+  steps = training.make_steps(mode, model, tx, model_parallel=2 if mode == "hybrid" else 1)
   state = training.replicate_state(training.create_train_state(config, model, tx), steps)
   for step in range(STEPS):
     batch = jax.tree_util.tree_map(steps.put, local_rows(global_batch(step), steps.layout))

@@ -79,6 +79,8 @@ def test_two_processes_give_the_parameters_of_one_process_and_of_one_device(tmp_
   reference = _worker(tmp_path, "one_device", "jit", 1, 1)
   runs = {"2 processes x 2 devices, jit": _worker(tmp_path, "jit2x2", "jit", 2, 2),
           "2 processes x 2 devices, pmap": _worker(tmp_path, "pmap2x2", "pmap", 2, 2),
+          "2 processes x 2 devices, hybrid (data 2 x model 2)": _worker(
+              tmp_path, "hybrid2x2", "hybrid", 2, 2),
           "1 process x 4 devices, jit": _worker(tmp_path, "jit1x4", "jit", 1, 4)}
   params = lambda run: {k: v for k, v in run.items() if not k.startswith("eval/")}
   assert len(params(reference)) == 17  # 8 layers' kernels and biases, and the last train loss
@@ -106,13 +108,17 @@ def test_train_py_on_two_processes_resumes_on_other_process_and_device_counts(tm
   common = ["--config.num_train_steps=8", "--config.eval_every_steps=4"]
   first = _train_py(tmp_path, "first", workdir, 2, 2, *common, "--config.halt_at_step=4")
   first.check()
-  _train_py(tmp_path, "second", workdir, 1, 1, *common, "--config.halt_at_step=6").check()
-  third = _train_py(tmp_path, "third", workdir, 2, 2, *common, "--config.parallel=pmap")
+  second = _train_py(tmp_path, "second", workdir, 2, 1, *common, "--config.halt_at_step=6",
+                     "--config.parallel=pmap")
+  second.check()
+  third = _train_py(tmp_path, "third", workdir, 1, 4, *common, "--config.parallel=hybrid",
+                    "--config.model_parallel=2")
   third.check()
 
   assert "jit over 4 device(s)" in first.output(0)
-  assert "resumed from" in third.output(0) and "at step 6" in third.output(0)
-  for run in (first, third):  # only process 0 reports
+  assert "at step 4" in second.output(0) and "pmap over 2 device(s)" in second.output(0)
+  assert "at step 6" in third.output(0) and "hybrid over 4 device(s)" in third.output(0)
+  for run in (first, second):  # only process 0 reports
     assert "step " not in run.output(1) and "eval at" not in run.output(1)
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     records = [json.loads(line) for line in f]

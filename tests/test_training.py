@@ -217,22 +217,31 @@ def _no_dropout_config(**overrides):
   return config
 
 
-def test_pmap_jit_and_one_device_give_the_same_parameters():
+def test_pmap_jit_hybrid_and_one_device_give_the_same_parameters():
   _run_on_eight_devices("""
       results = {}
-      for mode, devices in (("pmap", jax.devices()), ("jit", jax.devices()),
-                            ("jit", jax.devices()[:1])):
+      for mode, devices, model_parallel in (
+          ("pmap", jax.devices(), 1), ("jit", jax.devices(), 1), ("hybrid", jax.devices(), 2),
+          ("hybrid", jax.devices()[:4], 2), ("jit", jax.devices()[:1], 1)):
         config = tiny_config(num_train_steps=5, batch_size=16)
         config.model_overrides.dropout_rate = 0.0
         model = training.create_model_from_config(config, 10)
         tx = training.optim.create_optimizer(config, 89, 5)
-        steps = training.make_steps(mode, model, tx, devices=devices)
+        steps = training.make_steps(mode, model, tx, devices=devices,
+                                    model_parallel=model_parallel)
         state = training.replicate_state(training.create_train_state(config, model, tx), steps)
         src, _ = training.create_sources(config)
         it = training.ip.TrainIterator(src, training.create_preprocess(config), 16,
                                        layout=steps.layout)
         for _ in range(5):
           state, _ = steps.train(state, jax.tree_util.tree_map(steps.put, next(it)))
+        if mode == "hybrid":  # still split after the steps: fc1 and its momentum, not conv1
+          momentum = [x for p, x in jax.tree_util.tree_leaves_with_path(state.opt_state)
+                      if jax.tree_util.keystr(p).endswith("['fc1']['kernel']")]
+          assert len(momentum) == 1
+          for kernel in [state.params["fc1"]["kernel"]] + momentum:
+            assert kernel.addressable_shards[0].data.shape == (72, 32 // model_parallel)
+          assert state.params["conv1"]["kernel"].sharding.is_fully_replicated
         results[mode, len(devices)] = jax.device_get(state.params)
       for key, params in results.items():
         rel = _max_rel(params, results["jit", 1])
@@ -246,6 +255,20 @@ def test_pmap_jit_and_one_device_give_the_same_parameters():
       np.testing.assert_array_equal(first, draw())
       print("ok")
   """)
+
+
+@pytest.mark.parametrize("mode, model_parallel, message", [
+    ("hybrid", 3, "model_parallel must be a positive divisor of the 1 devices; got 3"),
+    ("jit", 2, "model_parallel=2 needs parallel='hybrid'; got 'jit'"),
+    ("hybrid", 1, "hybrid mode needs at least 2 data-parallel groups"),
+    ("threads", 1, "config.parallel must be one of ('pmap', 'jit', 'hybrid')"),
+])
+def test_make_steps_rejects_bad_parallel_settings(mode, model_parallel, message):
+  model = training.create_model("alexnet_small", **TINY)
+  with pytest.raises(ValueError) as error:
+    training.make_steps(mode, model, optax.sgd(0.1), devices=jax.devices()[:1],
+                        model_parallel=model_parallel)
+  assert message in str(error.value)
 
 
 def test_checkpoints_move_between_device_counts(tmp_path):
