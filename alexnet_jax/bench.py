@@ -1,9 +1,11 @@
-"""Benchmarks: ``python -m alexnet_jax.bench {model,data}``.
+"""Benchmarks: ``python -m alexnet_jax.bench {train,data}``.
 
-``model`` times the jitted Flax forward (eval mode) and a forward+backward+SGD step against the same
-model in PyTorch eager, in one process, on the same batch, fp32. The two are timed in alternating
-rounds after a warm-up, so that a background load or thermal drift hits both alike; the figure is
-the median round.
+``train`` times the library's own train step (``training.make_steps``, with the project's XLA
+settings) and the jitted forward (eval mode) against the same model and optimizer in PyTorch
+eager and ``torch.compile``, in one process, on the same batch, fp32. They are timed in
+alternating rounds after a warm-up, so that a background load or thermal drift hits all alike;
+the figure is the median round. It also reports compile times, XLA's memory and FLOP counts, and
+the machine's measured matmul rate as the ceiling.
 
 ``data`` writes JPEGs of ImageNet's typical size (500x375) to a temporary folder and measures the
 ImageNet-style train pipeline (decode, augmentation preset, batching) in images/s, in total and per
@@ -42,72 +44,127 @@ def _median_ips(fns: dict[str, Callable[[], Any]], batch: int, rounds: int, iter
   return {name: statistics.median(v) for name, v in per_round.items()}
 
 
-def bench_model(variant: str, batch: int, rounds: int = 5, iters: int = 3, warmup: int = 2,
-                seed: int = 0) -> dict[str, float]:
-  """Forward and train-step images/s of ``variant`` in Flax (jit) and PyTorch (eager)."""
+def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
+  """The machine's fp32 matmul rate under XLA, GFLOP/s: the ceiling for conv and dense layers."""
   import jax
-  import optax
+  import jax.numpy as jnp
+
+  a = jnp.ones((size, size), jnp.float32)
+  mm = jax.jit(lambda a: a @ a)
+  mm(a).block_until_ready()
+  start = time.perf_counter()
+  for _ in range(repeats):
+    mm(a).block_until_ready()
+  return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def _peak_rss_mb() -> float:
+  import resource
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def bench_train(variant: str, batch: int, rounds: int = 5, iters: int = 3, warmup: int = 2,
+                seed: int = 0, torch_compile: bool = True) -> dict[str, Any]:
+  """Train-step and forward images/s of the library's step vs the same model in PyTorch.
+
+  JAX runs ``training.train_step`` through ``training.make_steps("jit")`` on one device, with
+  the optimizer of ``configs/imagenet_torchvision.py`` (SGD, momentum 0.9, weight decay 1e-4);
+  PyTorch runs ``torch.optim.SGD`` with the same settings, eager and (where it works)
+  ``torch.compile``d. Same batch, fp32, alternating rounds.
+  """
+  import jax
   import torch
 
-  from alexnet_jax.models import create_model
+  from alexnet_jax import training
   from alexnet_jax.torch_interop import params_from_torch
   from alexnet_jax.torch_reference import torch_model
 
-  model = create_model(variant)
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from configs import imagenet_torchvision  # the checkout's configs/, beside the package
+
+  config = imagenet_torchvision.get_config()
+  config.model = variant
+  model = training.create_model_from_config(config, 1000)
+  tx = training.optim.create_optimizer(config, 1000, 10**6)
+  steps = training.make_steps("jit", model, tx, devices=jax.devices()[:1])
   torch.manual_seed(seed)
   net = torch_model(variant)
-  params = jax.device_put(params_from_torch(net.state_dict(), variant))
+  params = params_from_torch(net.state_dict(), variant)
+  state = training.replicate_state(training.create_train_state(config, model, tx, params), steps)
   rng = np.random.default_rng(seed)
   side = model.input_size
   x = rng.standard_normal((batch, side, side, model.in_channels), np.float32)
-  y = rng.integers(0, model.num_classes, batch)
-  xj, yj = jax.device_put(x), jax.device_put(y)
-  xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
-  yt = torch.from_numpy(y)
+  y = rng.integers(0, model.num_classes, batch).astype(np.int32)
+  device_batch = jax.tree_util.tree_map(steps.put, {"image": x, "label": y})
 
-  tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.01, 0.9))
-  dropout_rng = jax.random.key(seed)
-
+  start = time.perf_counter()
+  compiled = steps.train.lower(state, device_batch).compile()
+  compile_s = time.perf_counter() - start
+  train_flops = compiled.cost_analysis()["flops"]
+  memory = compiled.memory_analysis()
   forward = jax.jit(lambda p, x: model.apply({"params": p}, x))
-
-  def jax_step(p, opt_state, x, y, key):
-    def loss_fn(p):
-      logits = model.apply({"params": p}, x, train=True, rngs={"dropout": key})
-      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-    loss, grads = jax.value_and_grad(loss_fn)(p)
-    updates, opt_state = tx.update(grads, opt_state, p)
-    return optax.apply_updates(p, updates), opt_state, loss
-  # Donating params/opt_state mirrors torch's in-place optimizer step.
-  jax_step = jax.jit(jax_step, donate_argnums=(0, 1))
-
-  state = {"params": params, "opt_state": tx.init(params)}
+  fwd_flops = forward.lower(state.params, device_batch["image"]).cost_analysis()["flops"]
+  holder = {"state": state}
 
   def run_jax_step():
-    state["params"], state["opt_state"], loss = jax_step(state["params"], state["opt_state"],
-                                                         xj, yj, dropout_rng)
-    loss.block_until_ready()
+    holder["state"], metrics = compiled(holder["state"], device_batch)
+    metrics["train_loss"].block_until_ready()
 
-  opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+  xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+  yt = torch.from_numpy(y.astype(np.int64))
+  opt = torch.optim.SGD(net.parameters(), lr=config.learning_rate, momentum=config.momentum,
+                        weight_decay=config.weight_decay)
 
-  def run_torch_step():
-    net.train()
-    opt.zero_grad(set_to_none=True)
-    torch.nn.functional.cross_entropy(net(xt), yt).backward()
-    opt.step()
+  def torch_step(module):
+    def step():
+      module.train()
+      opt.zero_grad(set_to_none=True)
+      torch.nn.functional.cross_entropy(module(xt), yt).backward()
+      opt.step()
+    return step
 
-  def run_torch_forward():
-    net.eval()
-    with torch.inference_mode():
-      net(xt)
+  def torch_forward(module):
+    def forward_only():
+      module.eval()
+      with torch.inference_mode():
+        module(xt)
+    return forward_only
 
-  fwd = _median_ips({"jax": lambda: forward(params, xj).block_until_ready(),
-                     "torch": run_torch_forward}, batch, rounds, iters, warmup)
-  train = _median_ips({"jax": run_jax_step, "torch": run_torch_step}, batch, rounds, iters,
-                      warmup)
-  return {"jax_fwd_ips": fwd["jax"], "torch_fwd_ips": fwd["torch"],
-          "ratio_fwd": fwd["jax"] / fwd["torch"], "jax_train_ips": train["jax"],
-          "torch_train_ips": train["torch"], "ratio_train": train["jax"] / train["torch"],
-          "torch_threads": torch.get_num_threads(), "jax_backend": jax.default_backend()}
+  train_fns = {"jax": run_jax_step, "torch": torch_step(net)}
+  fwd_fns = {"jax": lambda: forward(holder["state"].params, device_batch["image"]
+                                    ).block_until_ready(), "torch": torch_forward(net)}
+  result: dict[str, Any] = {"compile_s_jax": compile_s}
+  if torch_compile:
+    try:
+      compiled_net = torch.compile(net)
+      start = time.perf_counter()
+      torch_step(compiled_net)()
+      result["compile_s_torch_compile"] = time.perf_counter() - start
+      train_fns["torch_compile"] = torch_step(compiled_net)
+    except Exception as e:  # noqa: BLE001  (no C++ toolchain, unsupported platform, ...)
+      result["torch_compile_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+  fwd = _median_ips(fwd_fns, batch, rounds, iters, warmup)
+  train = _median_ips(train_fns, batch, rounds, iters, warmup)
+  matmul = matmul_gflops()
+  result.update({
+      "jax_train_ips": train["jax"], "torch_train_ips": train["torch"],
+      "ratio_train": train["jax"] / train["torch"],
+      "jax_fwd_ips": fwd["jax"], "torch_fwd_ips": fwd["torch"],
+      "ratio_fwd": fwd["jax"] / fwd["torch"],
+      "train_gflop_per_image": train_flops / batch / 1e9,
+      "jax_train_gflops": train_flops / batch * train["jax"] / 1e9,
+      "jax_fwd_gflops": fwd_flops / batch * fwd["jax"] / 1e9,
+      "matmul_gflops": matmul,
+      "xla_train_step_memory_mb": (memory.argument_size_in_bytes + memory.output_size_in_bytes
+                                   + memory.temp_size_in_bytes
+                                   - memory.alias_size_in_bytes) / 2**20,
+      "peak_rss_mb": _peak_rss_mb(), "torch_threads": torch.get_num_threads(),
+      "jax_backend": jax.default_backend(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+  })
+  if "torch_compile" in train:
+    result["torch_compile_train_ips"] = train["torch_compile"]
+    result["ratio_train_vs_compile"] = train["jax"] / train["torch_compile"]
+  return result
 
 
 def write_jpegs(folder: str, count: int, size: tuple[int, int] = (500, 375),
@@ -150,24 +207,38 @@ def bench_data(preset: str, batch: int, steps: int, images: int, warmup: int = 3
           "mean_jpeg_kb": mean_kb}
 
 
-def _print_table(variant: str, batch: int, r: dict[str, float]) -> None:
-  print(f"{variant}, batch {batch}, fp32, jax backend {r['jax_backend']}, "
-        f"torch threads {r['torch_threads']}")
-  print(f"{'':<26}{'jax (jit)':>12}{'torch eager':>14}{'ratio':>8}")
-  for label, key in (("forward (eval), img/s", "fwd"), ("train step, img/s", "train")):
-    print(f"{label:<26}{r[f'jax_{key}_ips']:>12.1f}{r[f'torch_{key}_ips']:>14.1f}"
-          f"{r[f'ratio_{key}']:>8.2f}")
+def _print_train(variant: str, batch: int, r: dict[str, Any]) -> None:
+  print(f"{variant}, batch {batch}, fp32, jax backend {r['jax_backend']}, torch threads "
+        f"{r['torch_threads']}, XLA_FLAGS={r['xla_flags'] or '(none)'}")
+  compiled = r.get("torch_compile_train_ips")
+  print(f"{'':<22}{'alexnet-jax':>12}{'torch eager':>13}{'ratio':>7}"
+        + (f"{'torch.compile':>15}{'ratio':>7}" if compiled else ""))
+  print(f"{'train step, img/s':<22}{r['jax_train_ips']:>12.1f}{r['torch_train_ips']:>13.1f}"
+        f"{r['ratio_train']:>7.2f}"
+        + (f"{compiled:>15.1f}{r['ratio_train_vs_compile']:>7.2f}" if compiled else ""))
+  print(f"{'forward, img/s':<22}{r['jax_fwd_ips']:>12.1f}{r['torch_fwd_ips']:>13.1f}"
+        f"{r['ratio_fwd']:>7.2f}")
+  if "torch_compile_error" in r:
+    print(f"torch.compile: not used ({r['torch_compile_error']})")
+  print(f"compile: jax {r['compile_s_jax']:.1f} s"
+        + (f", torch.compile {r['compile_s_torch_compile']:.1f} s" if compiled else ""))
+  print(f"model FLOP/s (XLA cost analysis, {r['train_gflop_per_image']:.2f} GFLOP/image/step): "
+        f"train {r['jax_train_gflops']:.0f} GFLOP/s, forward {r['jax_fwd_gflops']:.0f} GFLOP/s, "
+        f"vs {r['matmul_gflops']:.0f} GFLOP/s measured fp32 matmul")
+  print(f"memory: XLA train step {r['xla_train_step_memory_mb']:.0f} MiB (arguments + outputs + "
+        f"temporaries), process peak RSS {r['peak_rss_mb']:.0f} MiB (both frameworks)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m alexnet_jax.bench", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="what", required=True)
-  p = sub.add_parser("model", help="the model alone: Flax jit vs PyTorch eager")
+  p = sub.add_parser("train", help="the library's train step and forward vs PyTorch")
   p.add_argument("--variant", default="alexnet", choices=VARIANTS)
   p.add_argument("--batch", type=int, default=64)
   p.add_argument("--rounds", type=int, default=5, help="alternating timed rounds (median kept)")
   p.add_argument("--iters", type=int, default=3, help="calls per round")
+  p.add_argument("--no_torch_compile", action="store_true", help="skip torch.compile")
   p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
   d = sub.add_parser("data", help="the ImageNet-style train input pipeline on CPU")
   d.add_argument("--preset", default="torchvision", choices=("torchvision", "paper"))
@@ -176,14 +247,15 @@ def main(argv: Sequence[str] | None = None) -> int:
   d.add_argument("--images", type=int, default=512, help="JPEGs to write (cycled over epochs)")
   d.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
   args = parser.parse_args(argv)
-  counts = ([args.batch, args.rounds, args.iters] if args.what == "model"
+  counts = ([args.batch, args.rounds, args.iters] if args.what == "train"
             else [args.batch, args.steps, args.images])
   if min(counts) < 1:
     parser.error("sizes and counts must be positive")
 
-  if args.what == "model":
-    result = bench_model(args.variant, args.batch, args.rounds, args.iters)
-    _print_table(args.variant, args.batch, result)
+  if args.what == "train":
+    result = bench_train(args.variant, args.batch, args.rounds, args.iters,
+                         torch_compile=not args.no_torch_compile)
+    _print_train(args.variant, args.batch, result)
   else:
     if args.images < args.batch:
       parser.error(f"--images ({args.images}) must be at least --batch ({args.batch})")

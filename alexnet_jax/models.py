@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from alexnet_jax.ops import conv_general_dilated, max_pool
+
 Array = jax.Array
 Initializer = Callable[..., Array]
 
@@ -212,13 +214,13 @@ class AlexNet(nn.Module):
       kernel_init, bias_init = self._inits(name, x.shape[-1] // g * k * k, is_conv=True)
       x = nn.Conv(features, (k, k), strides=self.conv_strides[i], padding=((p, p), (p, p)),
                   feature_group_count=g, kernel_init=kernel_init, bias_init=bias_init,
-                  dtype=self.dtype, param_dtype=self.param_dtype, name=name)(x)
+                  dtype=self.dtype, param_dtype=self.param_dtype,
+                  conv_general_dilated=conv_general_dilated, name=name)(x)
       x = nn.relu(x)
       if self.lrn_after[i]:
         x = local_response_norm(x, self.lrn_size, self.lrn_alpha, self.lrn_beta, self.lrn_k)
       if self.pool_after[i]:
-        x = nn.max_pool(x, (self.pool_window,) * 2, strides=(self.pool_stride,) * 2,
-                        padding="VALID")
+        x = max_pool(x, self.pool_window, self.pool_stride)
     if self.avgpool_size is not None:
       x = adaptive_avg_pool(x, (self.avgpool_size, self.avgpool_size))
     # Flattened in (H, W, C) order; torch_interop permutes fc1 to and from torch's (C, H, W).
