@@ -1,7 +1,7 @@
 """Benchmarks: ``python -m alexnet_jax.bench {train,data}``.
 
-``train`` times the library's own train step (``training.make_steps``, with the project's XLA
-settings) and the jitted forward (eval mode) against the same model and optimizer in PyTorch
+``train`` times the library's own train step (``training.make_steps``, with the library's
+defaults: no XLA flags) and the jitted forward (eval mode) against the same model and optimizer in PyTorch
 eager and ``torch.compile``, in one process, on the same batch, fp32. They are timed in
 alternating rounds after a warm-up, so that a background load or thermal drift hits all alike;
 the figure is the median round. It also reports compile times, XLA's memory and FLOP counts, and
@@ -84,7 +84,9 @@ def bench_train(variant: str, batch: int, rounds: int = 5, iters: int = 3, warmu
 
   config = imagenet_torchvision.get_config()
   config.model = variant
-  model = training.create_model_from_config(config, 1000)
+  defaults = training.create_model(variant)  # the variant's own classes and input channels
+  config.channels = defaults.in_channels
+  model = training.create_model_from_config(config, defaults.num_classes)
   tx = training.optim.create_optimizer(config, 1000, 10**6)
   steps = training.make_steps("jit", model, tx, devices=jax.devices()[:1])
   torch.manual_seed(seed)

@@ -1,0 +1,30 @@
+"""The train benchmark runs the library's step and PyTorch's, and reports every figure."""
+
+import json
+
+import pytest
+
+pytest.importorskip("torch", reason="the benchmark compares against PyTorch")
+pytest.importorskip("tensorflow", reason="the train step needs the 'train' extra")
+
+from alexnet_jax import bench  # noqa: E402
+
+
+def test_bench_train_reports_both_frameworks(tmp_path, capsys):
+  out = tmp_path / "bench.json"
+  assert bench.main(["train", "--variant", "alexnet_small", "--batch", "4", "--rounds", "1",
+                     "--iters", "1", "--no_torch_compile", "--json", str(out)]) == 0
+  result = json.loads(out.read_text())
+  for key in ("jax_train_ips", "torch_train_ips", "jax_fwd_ips", "torch_fwd_ips",
+              "matmul_gflops", "compile_s_jax", "xla_train_step_memory_mb", "peak_rss_mb"):
+    assert result[key] > 0, key
+  assert result["ratio_train"] == pytest.approx(result["jax_train_ips"]
+                                                / result["torch_train_ips"])
+  assert result["ratio_fwd"] == pytest.approx(result["jax_fwd_ips"] / result["torch_fwd_ips"])
+  printed = capsys.readouterr().out
+  assert "train step, img/s" in printed and "measured fp32 matmul" in printed
+
+
+def test_bench_rejects_bad_counts():
+  with pytest.raises(SystemExit):
+    bench.main(["train", "--batch", "0"])
