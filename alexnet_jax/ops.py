@@ -83,11 +83,11 @@ _conv.defvjp(_conv_fwd, _conv_bwd)
 
 def im2col(x: jax.Array, kernel_shape: Sequence[int], strides: Sequence[int],
            padding: Sequence[Sequence[int]]) -> jax.Array:
-  """The (K*K, Cin, N, Ho, Wo) patches of an NHWC convolution's input, channels first.
+  """The patches of an NHWC convolution's input, channels first: (K*K*Cin, N, Ho, Wo).
 
-  Row (tap, Cin) by column (N, Ho, Wo), so that ``reshape(K*K*Cin, -1)`` is the im2col matrix of
-  a kernel reshaped to (K*K*Cin, Cout). Each tap is written in place into one buffer, which
-  XLA:CPU does about twice as fast as a ``stack`` of the strided slices.
+  Rows are (tap, Cin) as in the kernel reshaped to (K*K*Cin, Cout), so ``reshape(K*K*Cin, -1)``
+  is the im2col matrix. Each tap is written in place into one buffer, which XLA:CPU does about
+  twice as fast as a ``stack`` of the strided slices.
   """
   kh, kw, cin, _ = kernel_shape
   (sh, sw), (ph, pw) = strides, padding
