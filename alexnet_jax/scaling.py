@@ -18,18 +18,17 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from alexnet_jax.models import VARIANTS, create_model, init_params
+from alexnet_jax.models import VARIANTS, count_params, create_model, init_params
 
 
 def model_costs(variant: str = "alexnet") -> dict[str, float]:
   """Parameter counts (all, convolutions, dense) and train FLOPs per image from XLA."""
   model = create_model(variant)
   params = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
-  count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
-  conv = count({k: v for k, v in params.items() if k.startswith("conv")})
+  total = count_params(params)
+  conv = count_params({k: v for k, v in params.items() if k.startswith("conv")})
 
   def loss(p, x, y):
     logits = model.apply({"params": p}, x, train=True, rngs={"dropout": jax.random.key(0)})
@@ -39,7 +38,7 @@ def model_costs(variant: str = "alexnet") -> dict[str, float]:
   x = jax.ShapeDtypeStruct((batch, side, side, model.in_channels), jnp.float32)
   y = jax.ShapeDtypeStruct((batch,), jnp.int32)
   flops = jax.jit(jax.grad(loss)).lower(params, x, y).cost_analysis()["flops"]
-  return {"params": count(params), "conv_params": conv, "dense_params": count(params) - conv,
+  return {"params": total, "conv_params": conv, "dense_params": total - conv,
           "train_flops_per_image": flops / batch}
 
 

@@ -14,6 +14,8 @@ import pytest
 
 pytest.importorskip("tensorflow", reason="training needs the 'train' extra")
 
+from test_training import _max_rel  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 TINY_FLAGS = ["--config.batch_size=16", "--config.model_overrides.hidden_width=32",
@@ -69,10 +71,6 @@ def _worker(tmp_path, name, mode, processes, devices):
       sys.executable, os.path.join(HERE, "multihost_worker.py"), mode, str(processes), str(i),
       str(port), str(out)]).check()
   return dict(np.load(out))
-
-
-def _max_rel(a, b):
-  return max(float(np.abs(a[k] - b[k]).max() / max(np.abs(b[k]).max(), 1e-12)) for k in b)
 
 
 def test_two_processes_give_the_parameters_of_one_process_and_of_one_device(tmp_path):
