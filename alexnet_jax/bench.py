@@ -75,7 +75,7 @@ def bench_train(variant: str, batch: int, rounds: int = 5, iters: int = 3, warmu
   import jax
   import torch
 
-  from alexnet_jax import training
+  from alexnet_jax import ops, training
   from alexnet_jax.torch_interop import params_from_torch
   from alexnet_jax.torch_reference import torch_model
 
@@ -104,7 +104,8 @@ def bench_train(variant: str, batch: int, rounds: int = 5, iters: int = 3, warmu
   compile_s = time.perf_counter() - start
   train_flops = compiled.cost_analysis()["flops"]
   memory = compiled.memory_analysis()
-  forward = jax.jit(lambda p, x: model.apply({"params": p}, x))
+  forward = jax.jit(lambda p, x: model.apply({"params": p}, x),
+                    compiler_options=ops.compiler_options())
   fwd_flops = forward.lower(state.params, device_batch["image"]).cost_analysis()["flops"]
   holder = {"state": state}
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from alexnet_jax.ops import conv_general_dilated, max_pool
+from alexnet_jax.ops import max_pool
 
 Array = jax.Array
 Initializer = Callable[..., Array]
@@ -214,8 +214,7 @@ class AlexNet(nn.Module):
       kernel_init, bias_init = self._inits(name, x.shape[-1] // g * k * k, is_conv=True)
       x = nn.Conv(features, (k, k), strides=self.conv_strides[i], padding=((p, p), (p, p)),
                   feature_group_count=g, kernel_init=kernel_init, bias_init=bias_init,
-                  dtype=self.dtype, param_dtype=self.param_dtype,
-                  conv_general_dilated=conv_general_dilated, name=name)(x)
+                  dtype=self.dtype, param_dtype=self.param_dtype, name=name)(x)
       x = nn.relu(x)
       if self.lrn_after[i]:
         x = local_response_norm(x, self.lrn_size, self.lrn_alpha, self.lrn_beta, self.lrn_k)

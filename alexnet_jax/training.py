@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from alexnet_jax import checkpointing, optim
+from alexnet_jax import checkpointing, ops, optim
 from alexnet_jax import input_pipeline as ip
 from alexnet_jax.metric_log import MetricLogger
 from alexnet_jax.models import AlexNet, create_model, init_params
@@ -210,8 +210,11 @@ def make_steps(mode: str, model: AlexNet, tx: optax.GradientTransformation, *,
   if mode == "hybrid":
     state_sharding = functools.partial(_dense_split, mesh)
     train = _constrain_state(train, state_sharding)  # keeps the split from step to step
+  # pmap takes no compiler options: it compiles with XLA's defaults.
+  options = ops.compiler_options(devices.flat[0].platform)
   return Steps(
-      train=jax.jit(train, donate_argnums=(0,)), eval=jax.jit(wrap(eval_body, P())),
+      train=jax.jit(train, donate_argnums=(0,), compiler_options=options),
+      eval=jax.jit(wrap(eval_body, P()), compiler_options=options),
       put=lambda x: jax.make_array_from_process_local_data(rows, x),
       state_sharding=state_sharding, layout="jit", num_devices=mesh.size)
 

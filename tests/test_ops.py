@@ -1,4 +1,4 @@
-"""alexnet_jax.ops: XLA's convolution and max pool with faster CPU gradients, same numbers."""
+"""alexnet_jax.ops: the CPU compiler options, and the max pool's faster CPU gradient."""
 
 import jax
 import jax.numpy as jnp
@@ -6,54 +6,48 @@ import numpy as np
 import pytest
 from jax import lax
 
-from alexnet_jax import ops
-
-NHWC = ("NHWC", "HWIO", "NHWC")
-
-
-def _grads(conv_fn, x, w, **kwargs):
-  dn = lax.conv_dimension_numbers(x.shape, w.shape, NHWC)
-  loss = lambda x, w: jnp.sum(jnp.sin(conv_fn(x, w, dimension_numbers=dn, **kwargs)))
-  return jax.jit(jax.grad(loss, (0, 1)))(x, w)
+from alexnet_jax import create_model, ops
+from alexnet_jax.optim import create_optimizer
+from alexnet_jax.training import create_train_state, make_steps
+from configs import default
 
 
-@pytest.mark.parametrize("side, cin, cout, k, stride, pad", [
-    (35, 3, 8, 11, 4, 2),  # conv1's shape: stride 4, the last window cut short
-    (9, 4, 6, 5, 1, 2), (7, 5, 3, 3, 2, 0), (6, 2, 4, 3, 1, (1, 0))])
-def test_gradients_equal_xla_native(side, cin, cout, k, stride, pad):
-  rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.standard_normal((3, side, side, cin), np.float32))
-  w = jnp.asarray(rng.standard_normal((k, k, cin, cout), np.float32))
-  padding = [pad if isinstance(pad, tuple) else (pad, pad)] * 2
-  ours = _grads(ops.conv_general_dilated, x, w, window_strides=(stride, stride), padding=padding)
-  native = _grads(lax.conv_general_dilated, x, w, window_strides=(stride, stride),
-                  padding=padding)
-  for a, b in zip(ours, native):
-    assert a.shape == b.shape
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
+def _hlo(options):
+  x, w = jnp.ones((2, 16, 16, 8)), jnp.ones((3, 3, 8, 16))
+  conv = lambda x, w: jnp.sum(lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                                       dimension_numbers=("NHWC", "HWIO", "NHWC")))
+  return jax.jit(jax.grad(conv, (0, 1)), compiler_options=options).lower(x, w).compile().as_text()
 
 
-def test_the_cpu_weight_gradient_is_a_matrix_product():
-  x = jnp.ones((2, 9, 9, 4))
-  w = jnp.ones((5, 5, 4, 6))
-  dn = lax.conv_dimension_numbers(x.shape, w.shape, NHWC)
-  grad_w = jax.grad(lambda x, w: ops.conv_general_dilated(x, w, (1, 1), [(2, 2)] * 2,
-                                                           dimension_numbers=dn).sum(), 1)
-  hlo = jax.jit(grad_w).lower(x, w).compile().as_text()  # the sum needs no forward values
-  assert "convolution(" not in hlo and " dot(" in hlo
+def test_cpu_compiler_options_turn_off_ynnpack_fusions():
+  options = ops.compiler_options("cpu")
+  assert options == {"xla_cpu_experimental_ynn_fusion_type": ""}
+  assert "ynn_fusion" not in _hlo(options)
+  assert "convolution(" in _hlo(options)  # still XLA's own convolutions, now unfused
+  assert ops.compiler_options("gpu") == {} and ops.compiler_options("tpu") == {}
 
 
-@pytest.mark.parametrize("kwargs", [dict(feature_group_count=2), dict(rhs_dilation=(2, 2)),
-                                    dict(padding="SAME")])
-def test_other_convolutions_fall_through_unchanged(kwargs):
-  rng = np.random.default_rng(1)
-  x = jnp.asarray(rng.standard_normal((2, 8, 8, 4), np.float32))
-  w = jnp.asarray(rng.standard_normal((3, 3, 4 // kwargs.get("feature_group_count", 1), 6),
-                                      np.float32))
-  kwargs = {"window_strides": (1, 1), "padding": [(1, 1)] * 2} | kwargs
-  for a, b in zip(_grads(ops.conv_general_dilated, x, w, **kwargs),
-                  _grads(lax.conv_general_dilated, x, w, **kwargs)):
-    np.testing.assert_array_equal(a, b)
+def test_an_option_this_jaxlib_does_not_know_is_dropped(monkeypatch):
+  monkeypatch.setattr(ops, "_CPU_OPTIONS", {"xla_cpu_no_such_option": ""})
+  ops.compiler_options.cache_clear()
+  try:
+    assert ops.compiler_options("cpu") == {}
+  finally:
+    ops.compiler_options.cache_clear()
+
+
+def test_the_library_steps_compile_with_the_options():
+  model = create_model("alexnet_small")
+  config = default.get_config()
+  tx = create_optimizer(config, 10, 10)
+  state = create_train_state(config, model, tx)
+  steps = make_steps("jit", model, tx, devices=jax.devices()[:1])
+  batch = {"image": np.zeros((2, model.input_size, model.input_size, model.in_channels),
+                            np.float32),
+           "label": np.zeros(2, np.int32), "mask": np.ones(2, bool)}
+  batch = jax.tree_util.tree_map(steps.put, batch)
+  for step, first in ((steps.train, state), (steps.eval, state.params)):
+    assert "ynn_fusion" not in step.lower(first, batch).compile().as_text()
 
 
 @pytest.mark.parametrize("shape, window, stride", [((2, 13, 13, 3), 3, 2), ((1, 8, 9, 2), 2, 2),
