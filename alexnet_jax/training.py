@@ -186,17 +186,19 @@ def make_steps(mode: str, model: AlexNet, tx: optax.GradientTransformation, *,
   # The state is global (over every device of every process) in all modes, so that Orbax can save
   # and restore it whatever the number of processes.
   replicated = NamedSharding(mesh, P())
+  options = ops.compiler_options(devices.flat[0].platform)
   if mode == "pmap":
     local = [d for d in mesh.devices if d.process_index == jax.process_index()]
     local_rows = NamedSharding(Mesh(np.array(local), (AXIS,)), P(AXIS))
-    train = jax.pmap(train_body, AXIS, in_axes=(None, 0), out_axes=(None, None),
-                     donate_argnums=(0,), devices=list(mesh.devices))
+    train = _compiled_with(options, jax.pmap(
+        train_body, AXIS, in_axes=(None, 0), out_axes=(None, None), donate_argnums=(0,),
+        devices=list(mesh.devices)))
     if jax.process_count() > 1:
       train = _global_state_outputs(train, replicated)
     return Steps(
         train=train,
-        eval=jax.pmap(eval_body, AXIS, in_axes=(None, 0), out_axes=None,
-                      devices=list(mesh.devices)),
+        eval=_compiled_with(options, jax.pmap(eval_body, AXIS, in_axes=(None, 0), out_axes=None,
+                                              devices=list(mesh.devices))),
         put=lambda x: jax.device_put(x, local_rows), state_sharding=lambda path, x: replicated,
         layout="pmap", num_devices=mesh.size)
   rows = NamedSharding(mesh, P(AXIS))
@@ -210,8 +212,6 @@ def make_steps(mode: str, model: AlexNet, tx: optax.GradientTransformation, *,
   if mode == "hybrid":
     state_sharding = functools.partial(_dense_split, mesh)
     train = _constrain_state(train, state_sharding)  # keeps the split from step to step
-  # pmap takes no compiler options: it compiles with XLA's defaults.
-  options = ops.compiler_options(devices.flat[0].platform)
   return Steps(
       train=jax.jit(train, donate_argnums=(0,), compiler_options=options),
       eval=jax.jit(wrap(eval_body, P()), compiler_options=options),
@@ -235,6 +235,25 @@ def _constrain_state(train: Callable, sharding_of: Callable) -> Callable:
     return jax.tree_util.tree_map_with_path(
         lambda path, x: jax.lax.with_sharding_constraint(x, sharding_of(path, x)), state), metrics
   return constrained
+
+
+def _compiled_with(options: dict[str, str], pmapped: Callable) -> Callable:
+  """``pmapped`` compiled with ``options``: ``jax.pmap`` takes none, its ``lower().compile`` does.
+
+  One executable per argument structure, shapes and dtypes, as pmap's own cache keeps.
+  """
+  if not options:
+    return pmapped
+  executables = {}
+
+  def call(*args):
+    leaves, tree = jax.tree_util.tree_flatten(args)
+    key = tree, tuple((np.shape(x), np.result_type(x)) for x in leaves)
+    if key not in executables:
+      executables[key] = pmapped.lower(*args).compile(compiler_options=options)
+    return executables[key](*args)
+  call.executables = executables
+  return call
 
 
 def _global_state_outputs(pmapped: Callable, sharding: NamedSharding) -> Callable:

@@ -8,7 +8,7 @@ from jax import lax
 
 from alexnet_jax import create_model, ops
 from alexnet_jax.optim import create_optimizer
-from alexnet_jax.training import create_train_state, make_steps
+from alexnet_jax.training import create_train_state, make_steps, replicate_state
 from configs import default
 
 
@@ -36,18 +36,27 @@ def test_an_option_this_jaxlib_does_not_know_is_dropped(monkeypatch):
     ops.compiler_options.cache_clear()
 
 
-def test_the_library_steps_compile_with_the_options():
+@pytest.mark.parametrize("mode", ["jit", "pmap"])
+def test_the_library_steps_compile_with_the_options(mode):
   model = create_model("alexnet_small")
   config = default.get_config()
   tx = create_optimizer(config, 10, 10)
-  state = create_train_state(config, model, tx)
-  steps = make_steps("jit", model, tx, devices=jax.devices()[:1])
-  batch = {"image": np.zeros((2, model.input_size, model.input_size, model.in_channels),
-                            np.float32),
-           "label": np.zeros(2, np.int32), "mask": np.ones(2, bool)}
+  steps = make_steps(mode, model, tx, devices=jax.devices()[:1])
+  state = replicate_state(create_train_state(config, model, tx), steps)
+  rows = (1, 2) if mode == "pmap" else (2,)
+  batch = {"image": np.zeros(rows + (model.input_size, model.input_size, model.in_channels),
+                             np.float32),
+           "label": np.zeros(rows, np.int32), "mask": np.ones(rows, bool)}
   batch = jax.tree_util.tree_map(steps.put, batch)
-  for step, first in ((steps.train, state), (steps.eval, state.params)):
-    assert "ynn_fusion" not in step.lower(first, batch).compile().as_text()
+  if mode == "jit":
+    hlos = [steps.train.lower(state, batch).compile().as_text(),
+            steps.eval.lower(state.params, batch).compile().as_text()]
+  else:  # pmap compiles on the first call
+    steps.eval(state.params, batch)
+    steps.train(state, batch)
+    hlos = [e.as_text() for step in (steps.train, steps.eval) for e in step.executables.values()]
+    assert len(hlos) == 2
+  assert all("ynn_fusion" not in hlo and "convolution" in hlo for hlo in hlos)
 
 
 @pytest.mark.parametrize("shape, window, stride", [((2, 13, 13, 3), 3, 2), ((1, 8, 9, 2), 2, 2),
