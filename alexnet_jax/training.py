@@ -105,7 +105,8 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: Alex
     return cross_entropy(logits, batch["label"], label_smoothing).mean(), logits
 
   (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  grads = jax.lax.pmean(grads, axis_name)
+  if jax.lax.axis_size(axis_name) > 1:  # on one device XLA:CPU would still copy every gradient
+    grads = jax.lax.pmean(grads, axis_name)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = jax.lax.pmean({"train_loss": loss,
