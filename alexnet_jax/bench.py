@@ -1,11 +1,11 @@
 """Benchmarks: ``python -m alexnet_jax.bench {train,data}``.
 
 ``train`` times the library's own train step (``training.make_steps``, with the library's
-defaults: no XLA flags) and the jitted forward (eval mode) against the same model and optimizer in PyTorch
-eager and ``torch.compile``, in one process, on the same batch, fp32. They are timed in
-alternating rounds after a warm-up, so that a background load or thermal drift hits all alike;
-the figure is the median round. It also reports compile times, XLA's memory and FLOP counts, and
-the machine's measured matmul rate as the ceiling.
+defaults: ``ops.compiler_options``, no XLA_FLAGS) and the jitted forward (eval mode) against the
+same model and optimizer in PyTorch eager and ``torch.compile``, in one process, on the same batch,
+fp32. They are timed in alternating rounds after a warm-up, so that a background load or thermal
+drift hits all alike; the figure is the median round. It also reports compile times, XLA's memory
+and FLOP counts, and the machine's measured matmul rate as the ceiling.
 
 ``data`` writes JPEGs of ImageNet's typical size (500x375) to a temporary folder and measures the
 ImageNet-style train pipeline (decode, augmentation preset, batching) in images/s, in total and per
@@ -49,8 +49,10 @@ def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
   import jax
   import jax.numpy as jnp
 
+  from alexnet_jax import ops
+
   a = jnp.ones((size, size), jnp.float32)
-  mm = jax.jit(lambda a: a @ a)
+  mm = jax.jit(lambda a: a @ a, compiler_options=ops.compiler_options())
   mm(a).block_until_ready()
   start = time.perf_counter()
   for _ in range(repeats):
@@ -163,6 +165,7 @@ def bench_train(variant: str, batch: int, rounds: int = 5, iters: int = 3, warmu
                                    - memory.alias_size_in_bytes) / 2**20,
       "peak_rss_mb": _peak_rss_mb(), "torch_threads": torch.get_num_threads(),
       "jax_backend": jax.default_backend(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "compiler_options": ops.compiler_options(),
   })
   if "torch_compile" in train:
     result["torch_compile_train_ips"] = train["torch_compile"]
@@ -212,7 +215,8 @@ def bench_data(preset: str, batch: int, steps: int, images: int, warmup: int = 3
 
 def _print_train(variant: str, batch: int, r: dict[str, Any]) -> None:
   print(f"{variant}, batch {batch}, fp32, jax backend {r['jax_backend']}, torch threads "
-        f"{r['torch_threads']}, XLA_FLAGS={r['xla_flags'] or '(none)'}")
+        f"{r['torch_threads']}, XLA_FLAGS={r['xla_flags'] or '(none)'}, compiler options "
+        f"{r['compiler_options'] or '(none)'}")
   compiled = r.get("torch_compile_train_ips")
   print(f"{'':<22}{'alexnet-jax':>12}{'torch eager':>13}{'ratio':>7}"
         + (f"{'torch.compile':>15}{'ratio':>7}" if compiled else ""))
