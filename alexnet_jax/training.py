@@ -191,6 +191,10 @@ def make_steps(mode: str, model: AlexNet, tx: optax.GradientTransformation, *,
   if mode == "pmap":
     local = [d for d in mesh.devices if d.process_index == jax.process_index()]
     local_rows = NamedSharding(Mesh(np.array(local), (AXIS,)), P(AXIS))
+    if jax.process_count() > 1:
+      # A pmap compiled ahead of time expects global shapes where the call passes local ones;
+      # multi-process runs are on GPUs and TPUs, where the options are empty anyway.
+      options = {}
     train = _compiled_with(options, jax.pmap(
         train_body, AXIS, in_axes=(None, 0), out_axes=(None, None), donate_argnums=(0,),
         devices=list(mesh.devices)))
