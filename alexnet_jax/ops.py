@@ -7,7 +7,8 @@ seconds of a step. ``compiler_options`` turns those fusions off for the library'
 
 A max pool's gradient (``select_and_scatter``) is slow on XLA:CPU too; routing the gradient tap by
 tap to each window's first maximum (XLA's and PyTorch's tie rule) is a few strided adds, about 8%
-of the train step. Only the CPU lowering changes (``lax.platform_dependent``).
+of the train step; its forward as a maximum of strided slices gains 3-4% over ``reduce_window``.
+Only the CPU lowering changes (``lax.platform_dependent``).
 """
 
 from __future__ import annotations
