@@ -253,7 +253,7 @@ def _compiled_with(options: dict[str, str], pmapped: Callable) -> Callable:
 
   def call(*args):
     leaves, tree = jax.tree_util.tree_flatten(args)
-    key = tree, tuple((np.shape(x), np.result_type(x)) for x in leaves)
+    key = tree, tuple((np.shape(x), getattr(x, "dtype", type(x))) for x in leaves)
     if key not in executables:
       executables[key] = pmapped.lower(*args).compile(compiler_options=options)
     return executables[key](*args)
