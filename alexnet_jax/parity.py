@@ -165,8 +165,8 @@ def run_case(case: Case, batch: int = 4, steps: int = 10, seed: int = 0) -> list
   params = jax.tree_util.tree_map(jnp.asarray,
                                   params_from_torch(net.state_dict(), case.variant, **overrides))
   rng = np.random.default_rng(seed)
-  apply = jax.jit(lambda p, x: model.apply({"params": p}, x),
-                  compiler_options=ops.compiler_options())
+  jit = functools.partial(jax.jit, compiler_options=ops.compiler_options())  # as the steps
+  apply = jit(lambda p, x: model.apply({"params": p}, x))
   rows = []
 
   for size in case.sizes:
@@ -199,7 +199,7 @@ def run_case(case: Case, batch: int = 4, steps: int = 10, seed: int = 0) -> list
                        "paths in Flax and PyTorch; the forwards disagree beyond rounding")
 
   x, y = same_path_batch(params)
-  grads = jax.jit(jax.grad(loss_fn), compiler_options=ops.compiler_options())(params, x, y)
+  grads = jit(jax.grad(loss_fn))(params, x, y)
   net.zero_grad()
   torch.nn.functional.cross_entropy(net(_nchw(x)), torch.from_numpy(y)).backward()
   rows.append(_rel_rows(case.label, "gradients", grads,
@@ -212,7 +212,7 @@ def run_case(case: Case, batch: int = 4, steps: int = 10, seed: int = 0) -> list
   schedule = optax.piecewise_constant_schedule(LR, {drop_at: LR_DROP_FACTOR})
   tx = optax.chain(optax.add_decayed_weights(WEIGHT_DECAY), optax.sgd(schedule, MOMENTUM))
 
-  @functools.partial(jax.jit, compiler_options=ops.compiler_options())
+  @jit
   def sgd_step(p, opt_state, x, y):
     g = jax.grad(loss_fn)(p, x, y)
     updates, opt_state = tx.update(g, opt_state, p)

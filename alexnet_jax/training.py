@@ -191,19 +191,18 @@ def make_steps(mode: str, model: AlexNet, tx: optax.GradientTransformation, *,
   if mode == "pmap":
     local = [d for d in mesh.devices if d.process_index == jax.process_index()]
     local_rows = NamedSharding(Mesh(np.array(local), (AXIS,)), P(AXIS))
+    train = jax.pmap(train_body, AXIS, in_axes=(None, 0), out_axes=(None, None),
+                     donate_argnums=(0,), devices=list(mesh.devices))
+    evaluate = jax.pmap(eval_body, AXIS, in_axes=(None, 0), out_axes=None,
+                        devices=list(mesh.devices))
     if jax.process_count() > 1:
-      # A pmap compiled ahead of time expects global shapes where the call passes local ones;
-      # multi-process runs are on GPUs and TPUs, where the options are empty anyway.
-      options = {}
-    train = _compiled_with(options, jax.pmap(
-        train_body, AXIS, in_axes=(None, 0), out_axes=(None, None), donate_argnums=(0,),
-        devices=list(mesh.devices)))
-    if jax.process_count() > 1:
+      # Without compiler options: a pmap compiled ahead of time expects global shapes where the
+      # call passes local ones (multi-process runs are on GPUs and TPUs, where they are empty).
       train = _global_state_outputs(train, replicated)
+    else:
+      train, evaluate = _compiled_with(options, train), _compiled_with(options, evaluate)
     return Steps(
-        train=train,
-        eval=_compiled_with(options, jax.pmap(eval_body, AXIS, in_axes=(None, 0), out_axes=None,
-                                              devices=list(mesh.devices))),
+        train=train, eval=evaluate,
         put=lambda x: jax.device_put(x, local_rows), state_sharding=lambda path, x: replicated,
         layout="pmap", num_devices=mesh.size)
   rows = NamedSharding(mesh, P(AXIS))
