@@ -5,7 +5,8 @@ defaults: ``ops.compiler_options``, no XLA_FLAGS) and the jitted forward (eval m
 same model and optimizer in PyTorch eager and ``torch.compile``, in one process, on the same batch,
 fp32. They are timed in alternating rounds after a warm-up, so that a background load or thermal
 drift hits all alike; the figure is the median round. It also reports compile times, XLA's memory
-and FLOP counts, and the machine's measured matmul rate as the ceiling.
+and FLOP counts (model FLOPs: those of direct convolutions, whatever algorithm runs), and the
+machine's measured matmul rate.
 
 ``data`` writes JPEGs of ImageNet's typical size (500x375) to a temporary folder and measures the
 ImageNet-style train pipeline (decode, augmentation preset, batching) in images/s, in total and per
@@ -66,13 +67,15 @@ def _peak_rss_mb() -> float:
 
 
 def bench_train(variant: str, batch: int, rounds: int = 5, iters: int = 3, warmup: int = 2,
-                seed: int = 0, torch_compile: bool = True) -> dict[str, Any]:
+                seed: int = 0, torch_compile: bool = True, winograd: bool = True
+                ) -> dict[str, Any]:
   """Train-step and forward images/s of the library's step vs the same model in PyTorch.
 
   JAX runs ``training.train_step`` through ``training.make_steps("jit")`` on one device, with
   the optimizer of ``configs/imagenet_torchvision.py`` (SGD, momentum 0.9, weight decay 1e-4);
   PyTorch runs ``torch.optim.SGD`` with the same settings, eager and (where it works)
-  ``torch.compile``d. Same batch, fp32, alternating rounds.
+  ``torch.compile``d. Same batch, fp32, alternating rounds. ``winograd=False`` times XLA's
+  direct convolutions instead of the CPU default (``AlexNet.cpu_winograd``).
   """
   import jax
   import torch
@@ -88,6 +91,7 @@ def bench_train(variant: str, batch: int, rounds: int = 5, iters: int = 3, warmu
   config.model = variant
   defaults = training.create_model(variant)  # the variant's own classes and input channels
   config.channels = defaults.in_channels
+  config.model_overrides.cpu_winograd = winograd
   model = training.create_model_from_config(config, defaults.num_classes)
   tx = training.optim.create_optimizer(config, 1000, 10**6)
   steps = training.make_steps("jit", model, tx, devices=jax.devices()[:1])
@@ -104,11 +108,16 @@ def bench_train(variant: str, batch: int, rounds: int = 5, iters: int = 3, warmu
   start = time.perf_counter()
   compiled = steps.train.lower(state, device_batch).compile()
   compile_s = time.perf_counter() - start
-  train_flops = compiled.cost_analysis()["flops"]
+  executed_flops = compiled.cost_analysis()["flops"]
   memory = compiled.memory_analysis()
-  forward = jax.jit(lambda p, x: model.apply({"params": p}, x),
-                    compiler_options=ops.compiler_options())
-  fwd_flops = forward.lower(state.params, device_batch["image"]).cost_analysis()["flops"]
+  forward_of = lambda m: jax.jit(lambda p, x: m.apply({"params": p}, x),
+                                 compiler_options=ops.compiler_options())
+  forward = forward_of(model)
+  # Model FLOPs are those of direct convolutions; Winograd's (on CPU) execute fewer.
+  direct = model.clone(cpu_winograd=False)
+  train_flops = training.make_steps("jit", direct, tx, devices=jax.devices()[:1]).train.lower(
+      state, device_batch).cost_analysis()["flops"]
+  fwd_flops = forward_of(direct).lower(state.params, device_batch["image"]).cost_analysis()["flops"]
   holder = {"state": state}
 
   def run_jax_step():
@@ -157,6 +166,7 @@ def bench_train(variant: str, batch: int, rounds: int = 5, iters: int = 3, warmu
       "jax_fwd_ips": fwd["jax"], "torch_fwd_ips": fwd["torch"],
       "ratio_fwd": fwd["jax"] / fwd["torch"],
       "train_gflop_per_image": train_flops / batch / 1e9,
+      "executed_train_gflop_per_image": executed_flops / batch / 1e9,
       "jax_train_gflops": train_flops / batch * train["jax"] / 1e9,
       "jax_fwd_gflops": fwd_flops / batch * fwd["jax"] / 1e9,
       "matmul_gflops": matmul,
@@ -165,7 +175,7 @@ def bench_train(variant: str, batch: int, rounds: int = 5, iters: int = 3, warmu
                                    - memory.alias_size_in_bytes) / 2**20,
       "peak_rss_mb": _peak_rss_mb(), "torch_threads": torch.get_num_threads(),
       "jax_backend": jax.default_backend(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
-      "compiler_options": ops.compiler_options(),
+      "compiler_options": ops.compiler_options(), "cpu_winograd": winograd,
   })
   if "torch_compile" in train:
     result["torch_compile_train_ips"] = train["torch_compile"]
@@ -216,7 +226,8 @@ def bench_data(preset: str, batch: int, steps: int, images: int, warmup: int = 3
 def _print_train(variant: str, batch: int, r: dict[str, Any]) -> None:
   print(f"{variant}, batch {batch}, fp32, jax backend {r['jax_backend']}, torch threads "
         f"{r['torch_threads']}, XLA_FLAGS={r['xla_flags'] or '(none)'}, compiler options "
-        f"{r['compiler_options'] or '(none)'}")
+        f"{r['compiler_options'] or '(none)'}, CPU convolutions "
+        f"{'Winograd where faster' if r['cpu_winograd'] else 'direct'}")
   compiled = r.get("torch_compile_train_ips")
   print(f"{'':<22}{'alexnet-jax':>12}{'torch eager':>13}{'ratio':>7}"
         + (f"{'torch.compile':>15}{'ratio':>7}" if compiled else ""))
@@ -229,9 +240,11 @@ def _print_train(variant: str, batch: int, r: dict[str, Any]) -> None:
     print(f"torch.compile: not used ({r['torch_compile_error']})")
   print(f"compile: jax {r['compile_s_jax']:.1f} s"
         + (f", torch.compile {r['compile_s_torch_compile']:.1f} s" if compiled else ""))
-  print(f"model FLOP/s (XLA cost analysis, {r['train_gflop_per_image']:.2f} GFLOP/image/step): "
-        f"train {r['jax_train_gflops']:.0f} GFLOP/s, forward {r['jax_fwd_gflops']:.0f} GFLOP/s, "
-        f"vs {r['matmul_gflops']:.0f} GFLOP/s measured fp32 matmul")
+  print(f"model FLOP/s (XLA cost analysis with direct convolutions, "
+        f"{r['train_gflop_per_image']:.2f} GFLOP/image/step): train {r['jax_train_gflops']:.0f} "
+        f"GFLOP/s, forward {r['jax_fwd_gflops']:.0f} GFLOP/s, vs {r['matmul_gflops']:.0f} GFLOP/s "
+        f"measured fp32 matmul; the compiled step executes "
+        f"{r['executed_train_gflop_per_image']:.2f} GFLOP/image")
   print(f"memory: XLA train step {r['xla_train_step_memory_mb']:.0f} MiB (arguments + outputs + "
         f"temporaries), process peak RSS {r['peak_rss_mb']:.0f} MiB (both frameworks)")
 
@@ -246,6 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--rounds", type=int, default=5, help="alternating timed rounds (median kept)")
   p.add_argument("--iters", type=int, default=3, help="calls per round")
   p.add_argument("--no_torch_compile", action="store_true", help="skip torch.compile")
+  p.add_argument("--no_winograd", action="store_true",
+                 help="time XLA's direct convolutions instead of the CPU default (Winograd)")
   p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
   d = sub.add_parser("data", help="the ImageNet-style train input pipeline on CPU")
   d.add_argument("--preset", default="torchvision", choices=("torchvision", "paper"))
@@ -261,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   if args.what == "train":
     result = bench_train(args.variant, args.batch, args.rounds, args.iters,
-                         torch_compile=not args.no_torch_compile)
+                         torch_compile=not args.no_torch_compile, winograd=not args.no_winograd)
     _print_train(args.variant, args.batch, result)
   else:
     if args.images < args.batch:

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from alexnet_jax.ops import max_pool
+from alexnet_jax.ops import conv_general_dilated, max_pool
 
 Array = jax.Array
 Initializer = Callable[..., Array]
@@ -109,6 +109,9 @@ class AlexNet(nn.Module):
   # torchvision puts dropout before fc1 and fc2; seed 003 puts it after fc1 and fc2.
   dropout_placement: str = "before_hidden"
   weight_init: str = "torch"
+  # On CPU, stride-1 convolutions by Winograd's algorithm where it is faster (ops.WINOGRAD_TILES);
+  # False keeps XLA's direct convolution. Other platforms always use XLA's.
+  cpu_winograd: bool = True
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -214,6 +217,8 @@ class AlexNet(nn.Module):
       kernel_init, bias_init = self._inits(name, x.shape[-1] // g * k * k, is_conv=True)
       x = nn.Conv(features, (k, k), strides=self.conv_strides[i], padding=((p, p), (p, p)),
                   feature_group_count=g, kernel_init=kernel_init, bias_init=bias_init,
+                  conv_general_dilated=(conv_general_dilated if self.cpu_winograd
+                                        else jax.lax.conv_general_dilated),
                   dtype=self.dtype, param_dtype=self.param_dtype, name=name)(x)
       x = nn.relu(x)
       if self.lrn_after[i]:

@@ -1,9 +1,14 @@
-"""CPU speed: the XLA options the project compiles with, and a max pool with a faster CPU gradient.
+"""CPU speed: the XLA options the project compiles with, Winograd convolutions, and a max pool
+with a faster CPU gradient.
 
-XLA:CPU in recent jaxlibs hands convolutions and dots to YNNPACK fusions by default. For AlexNet on
-x86 its older kernels are much faster: at batch 64 on 2 AVX-512 cores the forward ran 73 -> 103
+XLA:CPU in recent jaxlibs hands convolutions and dots to YNNPACK fusions by default. For AlexNet
+on x86 its older kernels are much faster: at batch 64 on 2 AVX-512 cores the forward ran 73 -> 103
 images/s and the train step 20 -> 30; YNNPACK's convolution weight gradient alone took 4 of the 8
 seconds of a step. ``compiler_options`` turns those fusions off for the library's jitted steps.
+
+With them off, XLA's convolutions run near the machine's matmul rate, so the remaining way to a
+faster convolution is fewer multiplications: on CPU, ``conv_general_dilated`` computes the
+stride-1 convolutions (AlexNet's conv2-conv5) by Winograd's algorithm (``winograd_conv``).
 
 A max pool's gradient (``select_and_scatter``) is slow on XLA:CPU too; routing the gradient tap by
 tap to each window's first maximum (XLA's and PyTorch's tie rule) is a few strided adds, about 8%
@@ -14,9 +19,11 @@ Only the CPU lowering changes (``lax.platform_dependent``).
 from __future__ import annotations
 
 import functools
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 # An empty list of fusion types forms no YNNPACK fusion.
@@ -110,3 +117,114 @@ def tap_max_pool_grad(x: jax.Array, y: jax.Array, g: jax.Array, *, window: int, 
                       [(0, 0, 0), (i, h - i - span_h, stride - 1),
                        (j, w - j - span_w, stride - 1), (0, 0, 0)])
   return dx
+
+
+# ----------------------------------------------------------------------------------------------
+# Winograd convolutions on CPU.
+#
+# XLA:CPU's convolutions already run near the machine's matmul rate, so on CPU the only way to a
+# faster stride-1 convolution is fewer multiplications: Winograd's F(m x m, r x r) computes an
+# m x m output tile from an (m + r - 1)^2 input tile with (m + r - 1)^2 products per channel pair
+# instead of m^2 r^2 (Lavin & Gray, 2016). Those products are (m + r - 1)^2 independent matrix
+# products over the channels, which XLA runs at GEMM speed; the tile transforms are additions of
+# strided slices that XLA fuses into a few memory-bound loops. The gradients follow by autodiff
+# and are again matrix products of the same shapes plus transposed transforms.
+
+
+@functools.cache
+def winograd_transforms(m: int, r: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """``(AT, G, BT)`` of F(m, r) with ``y = AT @ ((G @ g) * (BT @ d))`` the correlation of ``d``
+  (length m + r - 1) with ``g`` (length r), from the points 0, +-1, +-2, +-1/2, ... and infinity."""
+  n = m + r - 1
+  points = [0.0] + [s * k for k in (1, 2, 0.5, 4, 0.25) for s in (1, -1)][:n - 2]
+  at = np.zeros((m, n))
+  g = np.zeros((n, r))
+  for i, p in enumerate(points):
+    at[:, i] = [p**k for k in range(m)]
+    # Dividing G's rows by prod_{j != i} (p_i - p_j) leaves BT with small integers.
+    g[i] = [p**k for k in range(r)] / np.prod([p - q for q in points if q != p])
+  at[m - 1, n - 1] = g[n - 1, r - 1] = 1.0  # the point at infinity
+  # BT is then fixed: sum_t AT[k, t] G[t, j] BT[t, l] = [l == k + j] for every k, j, l.
+  system = np.einsum("kt,tj->kjt", at, g).reshape(m * r, n)
+  target = np.zeros((m, r, n))
+  for k in range(m):
+    for j in range(r):
+      target[k, j, k + j] = 1.0
+  bt = np.linalg.lstsq(system, target.reshape(m * r, n), rcond=None)[0]
+  assert np.allclose(system @ bt, target.reshape(m * r, n), atol=1e-9)
+  sign = np.sign(g[np.arange(n), np.argmax(g != 0, axis=1)])[:, None]  # G's rows lead positive
+  return at, g * sign, np.round(bt * sign, 9) + 0.0
+
+
+def _combine(matrix: np.ndarray, xs: Sequence[jax.Array]) -> list[jax.Array]:
+  """``matrix @ xs`` for a list of arrays, as sums that skip zeros and multiplications by +-1."""
+  out = []
+  for row in matrix:
+    terms = [x if c == 1 else -x if c == -1 else x * float(c) for c, x in zip(row, xs) if c]
+    out.append(functools.reduce(jnp.add, terms))
+  return out
+
+
+def winograd_conv(x: jax.Array, w: jax.Array, padding: Sequence[tuple[int, int]], m: int
+                  ) -> jax.Array:
+  """A stride-1 NHWC x HWIO convolution (cross-correlation, as ``lax.conv``) by F(m x m, r x r)."""
+  n, h, wd, c = x.shape
+  r, _, _, features = w.shape
+  (top, bottom), (left, right) = padding
+  oh, ow = h + top + bottom - r + 1, wd + left + right - r + 1
+  th, tw = -(-oh // m), -(-ow // m)  # tiles; the last may reach past the output and is cut
+  a = m + r - 1
+  at, g, bt = winograd_transforms(m, r)
+  x = jnp.pad(x, ((0, 0), (top, m * th + r - 1 - h - top), (left, m * tw + r - 1 - wd - left),
+                  (0, 0)))
+  # The (i, j) tap of every tile is a strided slice; transforming rows then columns gives the a^2
+  # inputs of the products, one (tiles, c) matrix each.
+  rows = _combine(bt, [x[:, i:i + m * th:m] for i in range(a)])
+  u = [t.reshape(n * th * tw, c) for row in rows
+       for t in _combine(bt, [row[:, :, j:j + m * tw:m] for j in range(a)])]
+  v = [t for row in _combine(g, list(w)) for t in _combine(g, list(row))]
+  prods = [(ui @ vi).reshape(n, th, tw, features) for ui, vi in zip(u, v)]
+  cols = [_combine(at, prods[j::a]) for j in range(a)]  # cols[j][k]: row k of output, tap col j
+  tiles = [_combine(at, [col[k] for col in cols]) for k in range(m)]  # tiles[k][l]: output (k, l)
+  y = jnp.stack([jnp.stack(row, axis=3) for row in tiles], axis=2)  # (n, th, m, tw, m, features)
+  return y.reshape(n, m * th, m * tw, features)[:, :oh, :ow]
+
+
+# Kernel side -> output tile side m of F(m x m, r x r) on CPU, chosen by timing AlexNet's train
+# step and forward at batch 64: a 3x3 output tile takes 25 products instead of 81 for conv3-conv5
+# and 49 instead of 225 for conv2.
+WINOGRAD_TILES = {3: 3, 5: 3}
+# Below this many input or output channels the products are too thin to pay for the transforms.
+WINOGRAD_MIN_CHANNELS = 32
+
+
+def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
+                         padding: Any, lhs_dilation: Any = None, rhs_dilation: Any = None,
+                         dimension_numbers: Any = None, feature_group_count: int = 1,
+                         precision: Any = None, **kwargs: Any) -> jax.Array:
+  """``lax.conv_general_dilated``, by Winograd on CPU where that is faster (``WINOGRAD_TILES``).
+
+  Pass it as ``nn.Conv(..., conv_general_dilated=ops.conv_general_dilated)``. Winograd is used
+  for fp32 NHWC/HWIO convolutions with a square kernel listed in ``WINOGRAD_TILES``, stride 1, no
+  dilation, one group, explicit padding and at least ``WINOGRAD_MIN_CHANNELS`` input and output
+  channels; the rest, and every other platform, run ``lax.conv_general_dilated`` unchanged.
+  """
+  xla = functools.partial(lax.conv_general_dilated, window_strides=window_strides,
+                          padding=padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+                          dimension_numbers=dimension_numbers,
+                          feature_group_count=feature_group_count, precision=precision, **kwargs)
+  if lhs.ndim != 4 or rhs.ndim != 4:
+    return xla(lhs, rhs)
+  r = rhs.shape[0]
+  nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
+  if (r in WINOGRAD_TILES and rhs.shape[1] == r and not kwargs
+      and min(rhs.shape[2:]) >= WINOGRAD_MIN_CHANNELS
+      and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == nhwc
+      and all(s == 1 for s in window_strides) and feature_group_count == 1
+      and all(d is None or all(v == 1 for v in d) for d in (lhs_dilation, rhs_dilation))
+      and not isinstance(padding, str)
+      and lhs.dtype == rhs.dtype == jnp.float32):
+    cpu = functools.partial(winograd_conv, padding=tuple(map(tuple, padding)),
+                            m=WINOGRAD_TILES[r])
+    return lax.platform_dependent(lhs, rhs, cpu=cpu, default=xla)
+  return xla(lhs, rhs)

@@ -21,6 +21,8 @@ def test_bench_train_reports_both_frameworks(tmp_path, capsys):
   assert result["ratio_train"] == pytest.approx(result["jax_train_ips"]
                                                 / result["torch_train_ips"])
   assert result["ratio_fwd"] == pytest.approx(result["jax_fwd_ips"] / result["torch_fwd_ips"])
+  # Winograd (conv2-conv5 on CPU) executes fewer FLOPs than the model's direct convolutions.
+  assert 0 < result["executed_train_gflop_per_image"] < result["train_gflop_per_image"]
   printed = capsys.readouterr().out
   assert "train step, img/s" in printed and "measured fp32 matmul" in printed
 

@@ -74,3 +74,63 @@ def test_max_pool_gradient_goes_to_the_first_maximum_as_in_xla(shape, window, st
   ours = jax.jit(lambda x, g: jax.vjp(lambda x: ops.max_pool(x, window, stride), x)[1](g)[0])
   theirs = jax.jit(lambda x, g: jax.vjp(native, x)[1](g)[0])
   np.testing.assert_allclose(ours(x, g), theirs(x, g), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("m, r", [(2, 3), (3, 3), (4, 3), (2, 5), (3, 5)])
+def test_winograd_transforms_compute_a_correlation(m, r):
+  at, g, bt = ops.winograd_transforms(m, r)
+  rng = np.random.default_rng(m * 10 + r)
+  d, k = rng.standard_normal(m + r - 1), rng.standard_normal(r)
+  np.testing.assert_allclose(at @ ((g @ k) * (bt @ d)), np.correlate(d, k, "valid"),
+                             rtol=1e-12, atol=1e-12)
+
+
+def _xla_conv(x, w, padding):
+  return lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                  precision=lax.Precision.HIGHEST)
+
+
+@pytest.mark.parametrize("shape, kernel, padding, m", [
+    ((2, 13, 13, 8), 3, ((1, 1), (1, 1)), 3),  # conv3-conv5
+    ((2, 27, 27, 4), 5, ((2, 2), (2, 2)), 3),  # conv2
+    ((1, 10, 7, 3), 3, ((0, 2), (1, 0)), 2),  # uneven padding; tiles reach past the output
+    ((1, 9, 8, 2), 5, ((0, 0), (0, 0)), 4),
+])
+def test_winograd_conv_and_its_gradients_match_xla(shape, kernel, padding, m):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal(shape, np.float32))
+  w = jnp.asarray(rng.standard_normal((kernel, kernel, shape[-1], 6), np.float32))
+  ours, ours_vjp = jax.vjp(lambda x, w: ops.winograd_conv(x, w, padding, m), x, w)
+  theirs, theirs_vjp = jax.vjp(lambda x, w: _xla_conv(x, w, padding), x, w)
+  assert ours.shape == theirs.shape
+  g = jnp.asarray(rng.standard_normal(theirs.shape, np.float32))
+  for a, b in zip((ours,) + ours_vjp(g), (theirs,) + theirs_vjp(g)):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * float(jnp.abs(b).max()))
+
+
+def test_conv_runs_winograd_on_cpu_only_where_it_applies():
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.standard_normal((2, 13, 13, 32), np.float32))
+  w = jnp.asarray(rng.standard_normal((3, 3, 32, 32), np.float32))
+  nhwc = ("NHWC", "HWIO", "NHWC")
+
+  def compiled(x, w, strides=(1, 1), padding=((1, 1), (1, 1)), groups=1):
+    conv = lambda x, w: ops.conv_general_dilated(x, w, strides, padding, dimension_numbers=nhwc,
+                                                 feature_group_count=groups)
+    reference = lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=nhwc,
+                                         feature_group_count=groups,
+                                         precision=lax.Precision.HIGHEST)
+    np.testing.assert_allclose(conv(x, w), reference, rtol=0,
+                               atol=1e-5 * float(jnp.abs(reference).max()))
+    return jax.jit(conv).lower(x, w).compile().as_text()
+
+  assert "convolution(" not in compiled(x, w)  # Winograd: matrix products and additions
+  assert "convolution(" in compiled(x, w, strides=(2, 2))
+  assert "convolution(" in compiled(x, w, padding="SAME")
+  assert "convolution(" in compiled(x, w[:, :, :16], groups=2)
+  assert "convolution(" in compiled(x[..., :8], w[:, :, :8])  # too few channels to pay off
+  bf16 = lambda a: a.astype(jnp.bfloat16)
+  assert "convolution(" in jax.jit(
+      lambda x, w: ops.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                            dimension_numbers=nhwc)).lower(bf16(x), bf16(w)
+                                                                           ).compile().as_text()
