@@ -194,8 +194,10 @@ def winograd_conv(x: jax.Array, w: jax.Array, padding: Sequence[tuple[int, int]]
 # step and forward at batch 64: a 3x3 output tile takes 25 products instead of 81 for conv3-conv5
 # and 49 instead of 225 for conv2.
 WINOGRAD_TILES = {3: 3, 5: 3}
-# Below this many input or output channels the products are too thin to pay for the transforms.
+# Thinner or smaller products than these do not win back the transforms and their compile time
+# (alexnet_small at batch 32, 128-512 tiles a layer: the same step time, 12 s more to compile).
 WINOGRAD_MIN_CHANNELS = 32
+WINOGRAD_MIN_TILES = 1024  # per device: batch x output tiles of one image
 
 
 def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
@@ -206,25 +208,28 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
 
   Pass it as ``nn.Conv(..., conv_general_dilated=ops.conv_general_dilated)``. Winograd is used
   for fp32 NHWC/HWIO convolutions with a square kernel listed in ``WINOGRAD_TILES``, stride 1, no
-  dilation, one group, explicit padding and at least ``WINOGRAD_MIN_CHANNELS`` input and output
-  channels; the rest, and every other platform, run ``lax.conv_general_dilated`` unchanged.
+  dilation, one group, explicit padding, at least ``WINOGRAD_MIN_CHANNELS`` input and output
+  channels and ``WINOGRAD_MIN_TILES`` output tiles; the rest, and every other platform, run
+  ``lax.conv_general_dilated`` unchanged.
   """
   xla = functools.partial(lax.conv_general_dilated, window_strides=window_strides,
                           padding=padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
                           dimension_numbers=dimension_numbers,
                           feature_group_count=feature_group_count, precision=precision, **kwargs)
-  if lhs.ndim != 4 or rhs.ndim != 4:
+  m = WINOGRAD_TILES.get(rhs.shape[0]) if rhs.ndim == 4 else None
+  if m is None or lhs.ndim != 4 or isinstance(padding, str):
     return xla(lhs, rhs)
   r = rhs.shape[0]
+  (top, bottom), (left, right) = padding
+  tiles = (lhs.shape[0] * -(-(lhs.shape[1] + top + bottom - r + 1) // m)
+           * -(-(lhs.shape[2] + left + right - r + 1) // m))
   nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
-  if (r in WINOGRAD_TILES and rhs.shape[1] == r and not kwargs
+  if (rhs.shape[1] == r and not kwargs and tiles >= WINOGRAD_MIN_TILES
       and min(rhs.shape[2:]) >= WINOGRAD_MIN_CHANNELS
       and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == nhwc
       and all(s == 1 for s in window_strides) and feature_group_count == 1
       and all(d is None or all(v == 1 for v in d) for d in (lhs_dilation, rhs_dilation))
-      and not isinstance(padding, str)
       and lhs.dtype == rhs.dtype == jnp.float32):
-    cpu = functools.partial(winograd_conv, padding=tuple(map(tuple, padding)),
-                            m=WINOGRAD_TILES[r])
+    cpu = functools.partial(winograd_conv, padding=tuple(map(tuple, padding)), m=m)
     return lax.platform_dependent(lhs, rhs, cpu=cpu, default=xla)
   return xla(lhs, rhs)

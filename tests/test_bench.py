@@ -7,10 +7,11 @@ import pytest
 pytest.importorskip("torch", reason="the benchmark compares against PyTorch")
 pytest.importorskip("tensorflow", reason="the train step needs the 'train' extra")
 
-from alexnet_jax import bench  # noqa: E402
+from alexnet_jax import bench, ops  # noqa: E402
 
 
-def test_bench_train_reports_both_frameworks(tmp_path, capsys):
+def test_bench_train_reports_both_frameworks(tmp_path, capsys, monkeypatch):
+  monkeypatch.setattr(ops, "WINOGRAD_MIN_TILES", 1)  # batch 4 takes AlexNet's batch-64 path
   out = tmp_path / "bench.json"
   assert bench.main(["train", "--variant", "alexnet_small", "--batch", "4", "--rounds", "1",
                      "--iters", "1", "--no_torch_compile", "--json", str(out)]) == 0

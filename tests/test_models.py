@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import alexnet_jax as A
+from alexnet_jax import ops
 from alexnet_jax.torch_interop import params_from_torch, params_to_torch
 from alexnet_jax.torch_reference import torch_model
 
@@ -81,7 +82,8 @@ def test_init_statistics(init):
     assert np.isclose(k.std(), np.sqrt(2 / (384 * 9)), rtol=0.05)
 
 
-def test_cpu_winograd_and_direct_convolutions_agree_with_gradients():
+def test_cpu_winograd_and_direct_convolutions_agree_with_gradients(monkeypatch):
+  monkeypatch.setattr(ops, "WINOGRAD_MIN_TILES", 1)  # a batch of 2 small images
   rng = np.random.default_rng(0)
   x = rng.standard_normal((2, 28, 28, 1), np.float32)
   fast, direct = A.create_model("alexnet_small"), A.create_model("alexnet_small", cpu_winograd=False)

@@ -108,7 +108,8 @@ def test_winograd_conv_and_its_gradients_match_xla(shape, kernel, padding, m):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * float(jnp.abs(b).max()))
 
 
-def test_conv_runs_winograd_on_cpu_only_where_it_applies():
+def test_conv_runs_winograd_on_cpu_only_where_it_applies(monkeypatch):
+  monkeypatch.setattr(ops, "WINOGRAD_MIN_TILES", 50)  # these 2 images have 2 x 5 x 5 tiles
   rng = np.random.default_rng(1)
   x = jnp.asarray(rng.standard_normal((2, 13, 13, 32), np.float32))
   w = jnp.asarray(rng.standard_normal((3, 3, 32, 32), np.float32))
@@ -129,6 +130,7 @@ def test_conv_runs_winograd_on_cpu_only_where_it_applies():
   assert "convolution(" in compiled(x, w, padding="SAME")
   assert "convolution(" in compiled(x, w[:, :, :16], groups=2)
   assert "convolution(" in compiled(x[..., :8], w[:, :, :8])  # too few channels to pay off
+  assert "convolution(" in compiled(x[:1], w)  # too few tiles
   bf16 = lambda a: a.astype(jnp.bfloat16)
   assert "convolution(" in jax.jit(
       lambda x, w: ops.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
