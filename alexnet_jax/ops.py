@@ -165,14 +165,21 @@ def _combine(matrix: np.ndarray, xs: Sequence[jax.Array]) -> list[jax.Array]:
   return out
 
 
+def _tiling(h: int, w: int, r: int, padding: Sequence[tuple[int, int]], m: int
+            ) -> tuple[int, int, int, int]:
+  """Output height and width, and m x m tiles down and across (the last may reach past)."""
+  (top, bottom), (left, right) = padding
+  oh, ow = h + top + bottom - r + 1, w + left + right - r + 1
+  return oh, ow, -(-oh // m), -(-ow // m)
+
+
 def winograd_conv(x: jax.Array, w: jax.Array, padding: Sequence[tuple[int, int]], m: int
                   ) -> jax.Array:
   """A stride-1 NHWC x HWIO convolution (cross-correlation, as ``lax.conv``) by F(m x m, r x r)."""
   n, h, wd, c = x.shape
   r, _, _, features = w.shape
-  (top, bottom), (left, right) = padding
-  oh, ow = h + top + bottom - r + 1, wd + left + right - r + 1
-  th, tw = -(-oh // m), -(-ow // m)  # tiles; the last may reach past the output and is cut
+  (top, _), (left, _) = padding
+  oh, ow, th, tw = _tiling(h, wd, r, padding, m)
   a = m + r - 1
   at, g, bt = winograd_transforms(m, r)
   x = jnp.pad(x, ((0, 0), (top, m * th + r - 1 - h - top), (left, m * tw + r - 1 - wd - left),
@@ -220,11 +227,9 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
   if m is None or lhs.ndim != 4 or isinstance(padding, str):
     return xla(lhs, rhs)
   r = rhs.shape[0]
-  (top, bottom), (left, right) = padding
-  tiles = (lhs.shape[0] * -(-(lhs.shape[1] + top + bottom - r + 1) // m)
-           * -(-(lhs.shape[2] + left + right - r + 1) // m))
+  _, _, th, tw = _tiling(lhs.shape[1], lhs.shape[2], r, padding, m)
   nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
-  if (rhs.shape[1] == r and not kwargs and tiles >= WINOGRAD_MIN_TILES
+  if (rhs.shape[1] == r and not kwargs and lhs.shape[0] * th * tw >= WINOGRAD_MIN_TILES
       and min(rhs.shape[2:]) >= WINOGRAD_MIN_CHANNELS
       and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == nhwc
       and all(s == 1 for s in window_strides) and feature_group_count == 1
