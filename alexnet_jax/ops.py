@@ -122,13 +122,12 @@ def tap_max_pool_grad(x: jax.Array, y: jax.Array, g: jax.Array, *, window: int, 
 # ----------------------------------------------------------------------------------------------
 # Winograd convolutions on CPU.
 #
-# XLA:CPU's convolutions already run near the machine's matmul rate, so on CPU the only way to a
-# faster stride-1 convolution is fewer multiplications: Winograd's F(m x m, r x r) computes an
-# m x m output tile from an (m + r - 1)^2 input tile with (m + r - 1)^2 products per channel pair
-# instead of m^2 r^2 (Lavin & Gray, 2016). Those products are (m + r - 1)^2 independent matrix
-# products over the channels, which XLA runs at GEMM speed; the tile transforms are additions of
-# strided slices that XLA fuses into a few memory-bound loops. The gradients follow by autodiff
-# and are again matrix products of the same shapes plus transposed transforms.
+# F(m x m, r x r) computes an m x m output tile from an (m + r - 1)^2 input tile with
+# (m + r - 1)^2 products per channel pair instead of m^2 r^2 (Lavin & Gray, 2016). Those products
+# are (m + r - 1)^2 independent matrix products over the channels, which XLA runs at GEMM speed;
+# the tile transforms are additions of strided slices that XLA fuses into a few memory-bound
+# loops. The gradients follow by autodiff: matrix products of the same shapes plus transposed
+# transforms.
 
 
 @functools.cache
