@@ -1,7 +1,8 @@
 """Benchmarks: ``python -m alexnet_jax.bench {train,data}``.
 
 ``train`` times the library's own train step (``training.make_steps``, with the library's
-defaults: ``ops.compiler_options``, no XLA_FLAGS) and the jitted forward (eval mode) against the
+defaults: ``ops.compiler_options``, no XLA_FLAGS) and the jitted forward (eval mode, which on CPU
+runs the conv stack a few images at a time: ``AlexNet.cpu_eval_chunk``) against the
 same model and optimizer in PyTorch eager and ``torch.compile``, in one process, on the same batch,
 fp32. They are timed in alternating rounds after a warm-up, so that a background load or thermal
 drift hits all alike; the figure is the median round. It also reports compile times, XLA's memory
@@ -113,8 +114,9 @@ def bench_train(variant: str, batch: int, rounds: int = 5, iters: int = 3, warmu
   forward_of = lambda m: jax.jit(lambda p, x: m.apply({"params": p}, x),
                                  compiler_options=ops.compiler_options())
   forward = forward_of(model)
-  # Model FLOPs are those of direct convolutions; Winograd's (on CPU) execute fewer.
-  direct = model.clone(cpu_winograd=False)
+  # Model FLOPs are those of direct convolutions on the whole batch: Winograd's (on CPU) execute
+  # fewer, and XLA counts a loop's body (the CPU eval forward's chunks) once.
+  direct = model.clone(cpu_winograd=False, cpu_eval_chunk=0)
   train_flops = training.make_steps("jit", direct, tx, devices=jax.devices()[:1]).train.lower(
       state, device_batch).cost_analysis()["flops"]
   fwd_flops = forward_of(direct).lower(state.params, device_batch["image"]).cost_analysis()["flops"]
@@ -169,6 +171,7 @@ def bench_train(variant: str, batch: int, rounds: int = 5, iters: int = 3, warmu
       "executed_train_gflop_per_image": executed_flops / batch / 1e9,
       "jax_train_gflops": train_flops / batch * train["jax"] / 1e9,
       "jax_fwd_gflops": fwd_flops / batch * fwd["jax"] / 1e9,
+      "fwd_gflop_per_image": fwd_flops / batch / 1e9,
       "matmul_gflops": matmul,
       "xla_train_step_memory_mb": (memory.argument_size_in_bytes + memory.output_size_in_bytes
                                    + memory.temp_size_in_bytes
@@ -176,6 +179,7 @@ def bench_train(variant: str, batch: int, rounds: int = 5, iters: int = 3, warmu
       "peak_rss_mb": _peak_rss_mb(), "torch_threads": torch.get_num_threads(),
       "jax_backend": jax.default_backend(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "compiler_options": ops.compiler_options(), "cpu_winograd": winograd,
+      "cpu_eval_chunk": model.cpu_eval_chunk,
   })
   if "torch_compile" in train:
     result["torch_compile_train_ips"] = train["torch_compile"]
@@ -227,7 +231,8 @@ def _print_train(variant: str, batch: int, r: dict[str, Any]) -> None:
   print(f"{variant}, batch {batch}, fp32, jax backend {r['jax_backend']}, torch threads "
         f"{r['torch_threads']}, XLA_FLAGS={r['xla_flags'] or '(none)'}, compiler options "
         f"{r['compiler_options'] or '(none)'}, CPU convolutions "
-        f"{'Winograd where faster' if r['cpu_winograd'] else 'direct'}")
+        f"{'Winograd where faster' if r['cpu_winograd'] else 'direct'}, CPU eval forward "
+        f"{'by chunks of up to %d images' % r['cpu_eval_chunk'] if r['cpu_eval_chunk'] else 'whole'}")
   compiled = r.get("torch_compile_train_ips")
   print(f"{'':<22}{'alexnet-jax':>12}{'torch eager':>13}{'ratio':>7}"
         + (f"{'torch.compile':>15}{'ratio':>7}" if compiled else ""))

@@ -8,6 +8,7 @@ Every variant in ``VARIANT_SETTINGS`` is just a set of field values for :class:`
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -112,6 +113,11 @@ class AlexNet(nn.Module):
   # On CPU, stride-1 convolutions by Winograd's algorithm where it is faster (ops.WINOGRAD_TILES);
   # False keeps XLA's direct convolution. Other platforms always use XLA's.
   cpu_winograd: bool = True
+  # On CPU, the conv stack of a forward with train=False runs this many images at a time (the
+  # largest divisor of the batch up to it), so that each layer's activations and Winograd
+  # temporaries stay in the cache; 0 runs the whole batch at once. Training always runs the whole
+  # batch: its weight gradients are faster as one long reduction.
+  cpu_eval_chunk: int = 4
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -122,6 +128,9 @@ class AlexNet(nn.Module):
       if len(getattr(self, name)) != n:
         raise ValueError(f"{name} has {len(getattr(self, name))} entries; conv_features has {n}: "
                          "every per-conv setting needs one entry per conv layer")
+    if self.cpu_eval_chunk < 0:
+      raise ValueError(f"cpu_eval_chunk={self.cpu_eval_chunk} must be >= 0 (images per chunk of "
+                       "the CPU eval forward; 0 runs the whole batch at once)")
     if self.weight_init not in INITS:
       raise ValueError(f"weight_init={self.weight_init!r} is not one of {INITS}")
     if self.dropout_placement not in DROPOUT_PLACEMENTS:
@@ -211,20 +220,39 @@ class AlexNet(nn.Module):
   def __call__(self, x: Array, train: bool = False) -> Array:
     self.check_input_shape(x.shape)
     x = x.astype(self.dtype)
+    n = x.shape[0]
+    conv = functools.partial(conv_general_dilated, winograd_batch=n) if self.cpu_winograd else (
+        jax.lax.conv_general_dilated)
+    channels = (self.in_channels,) + tuple(self.conv_features)
+    convs = []
     for i, features in enumerate(self.conv_features):
       name = f"conv{i + 1}"
       k, p, g = self.conv_kernels[i], self.conv_paddings[i], self.groups[i]
-      kernel_init, bias_init = self._inits(name, x.shape[-1] // g * k * k, is_conv=True)
-      x = nn.Conv(features, (k, k), strides=self.conv_strides[i], padding=((p, p), (p, p)),
-                  feature_group_count=g, kernel_init=kernel_init, bias_init=bias_init,
-                  conv_general_dilated=(conv_general_dilated if self.cpu_winograd
-                                        else jax.lax.conv_general_dilated),
-                  dtype=self.dtype, param_dtype=self.param_dtype, name=name)(x)
-      x = nn.relu(x)
-      if self.lrn_after[i]:
-        x = local_response_norm(x, self.lrn_size, self.lrn_alpha, self.lrn_beta, self.lrn_k)
-      if self.pool_after[i]:
-        x = max_pool(x, self.pool_window, self.pool_stride)
+      kernel_init, bias_init = self._inits(name, channels[i] // g * k * k, is_conv=True)
+      convs.append(nn.Conv(features, (k, k), strides=self.conv_strides[i],
+                           padding=((p, p), (p, p)), feature_group_count=g,
+                           kernel_init=kernel_init, bias_init=bias_init,
+                           conv_general_dilated=conv, dtype=self.dtype,
+                           param_dtype=self.param_dtype, name=name))
+
+    def stack(x):
+      for i, layer in enumerate(convs):
+        x = nn.relu(layer(x))
+        if self.lrn_after[i]:
+          x = local_response_norm(x, self.lrn_size, self.lrn_alpha, self.lrn_beta, self.lrn_k)
+        if self.pool_after[i]:
+          x = max_pool(x, self.pool_window, self.pool_stride)
+      return x
+
+    chunk = max((b for b in range(1, min(n, self.cpu_eval_chunk) + 1) if n % b == 0), default=n)
+    if train or chunk == n or self.is_initializing():
+      x = stack(x)
+    else:
+      def by_chunks(x):
+        y = jax.lax.map(stack, x.reshape((n // chunk, chunk) + x.shape[1:]))
+        return y.reshape((n,) + y.shape[2:])
+
+      x = jax.lax.platform_dependent(x, cpu=by_chunks, default=stack)
     if self.avgpool_size is not None:
       x = adaptive_avg_pool(x, (self.avgpool_size, self.avgpool_size))
     # Flattened in (H, W, C) order; torch_interop permutes fc1 to and from torch's (C, H, W).

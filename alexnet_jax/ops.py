@@ -209,13 +209,15 @@ WINOGRAD_MIN_TILES = 1024  # per device: batch x output tiles of one image
 def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
                          padding: Any, lhs_dilation: Any = None, rhs_dilation: Any = None,
                          dimension_numbers: Any = None, feature_group_count: int = 1,
-                         precision: Any = None, **kwargs: Any) -> jax.Array:
+                         precision: Any = None, *, winograd_batch: int | None = None,
+                         **kwargs: Any) -> jax.Array:
   """``lax.conv_general_dilated``, by Winograd on CPU where that is faster (``WINOGRAD_TILES``).
 
   Pass it as ``nn.Conv(..., conv_general_dilated=ops.conv_general_dilated)``. Winograd is used
   for fp32 NHWC/HWIO convolutions with a square kernel listed in ``WINOGRAD_TILES``, stride 1, no
   dilation, one group, explicit padding, at least ``WINOGRAD_MIN_CHANNELS`` input and output
-  channels and ``WINOGRAD_MIN_TILES`` output tiles; the rest, and every other platform, run
+  channels and ``WINOGRAD_MIN_TILES`` output tiles (over ``winograd_batch`` images, when ``lhs``
+  is a chunk of a larger batch); the rest, and every other platform, run
   ``lax.conv_general_dilated`` unchanged.
   """
   xla = functools.partial(lax.conv_general_dilated, window_strides=window_strides,
@@ -228,7 +230,7 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
   r = rhs.shape[0]
   _, _, th, tw = _tiling(lhs.shape[1], lhs.shape[2], r, padding, m)
   nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
-  if (rhs.shape[1] == r and not kwargs and lhs.shape[0] * th * tw >= WINOGRAD_MIN_TILES
+  if (rhs.shape[1] == r and not kwargs and (winograd_batch or lhs.shape[0]) * th * tw >= WINOGRAD_MIN_TILES
       and min(rhs.shape[2:]) >= WINOGRAD_MIN_CHANNELS
       and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == nhwc
       and all(s == 1 for s in window_strides) and feature_group_count == 1

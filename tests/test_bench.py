@@ -11,9 +11,9 @@ from alexnet_jax import bench, ops  # noqa: E402
 
 
 def test_bench_train_reports_both_frameworks(tmp_path, capsys, monkeypatch):
-  monkeypatch.setattr(ops, "WINOGRAD_MIN_TILES", 1)  # batch 4 takes AlexNet's batch-64 path
+  monkeypatch.setattr(ops, "WINOGRAD_MIN_TILES", 1)  # batch 8 takes AlexNet's batch-64 path
   out = tmp_path / "bench.json"
-  assert bench.main(["train", "--variant", "alexnet_small", "--batch", "4", "--rounds", "1",
+  assert bench.main(["train", "--variant", "alexnet_small", "--batch", "8", "--rounds", "1",
                      "--iters", "1", "--no_torch_compile", "--json", str(out)]) == 0
   result = json.loads(out.read_text())
   for key in ("jax_train_ips", "torch_train_ips", "jax_fwd_ips", "torch_fwd_ips",
@@ -24,6 +24,9 @@ def test_bench_train_reports_both_frameworks(tmp_path, capsys, monkeypatch):
   assert result["ratio_fwd"] == pytest.approx(result["jax_fwd_ips"] / result["torch_fwd_ips"])
   # Winograd (conv2-conv5 on CPU) executes fewer FLOPs than the model's direct convolutions.
   assert 0 < result["executed_train_gflop_per_image"] < result["train_gflop_per_image"]
+  # The eval forward runs 2 chunks of 4 images; its FLOPs still count all 8 (a step is ~3 forwards).
+  assert result["cpu_eval_chunk"] == 4
+  assert 2 < result["train_gflop_per_image"] / result["fwd_gflop_per_image"] < 4
   printed = capsys.readouterr().out
   assert "train step, img/s" in printed and "measured fp32 matmul" in printed
 

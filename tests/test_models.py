@@ -99,3 +99,29 @@ def test_cpu_winograd_and_direct_convolutions_agree_with_gradients(monkeypatch):
   hlo = lambda m: jax.jit(lambda p: m.apply({"params": p}, x)).lower(params).compile().as_text()
   if jax.default_backend() == "cpu":  # conv1 has one input channel: too thin for Winograd
     assert (hlo(fast).count("convolution("), hlo(direct).count("convolution(")) == (1, 5)
+
+
+def test_cpu_eval_forward_runs_the_conv_stack_by_chunks(monkeypatch):
+  # 6 images x 16 conv2 tiles reach it, so conv2 alone runs by Winograd, also in chunks of 3.
+  monkeypatch.setattr(ops, "WINOGRAD_MIN_TILES", 96)
+  x = np.random.default_rng(0).standard_normal((6, 28, 28, 1), np.float32)
+  chunked = A.create_model("alexnet_small", cpu_eval_chunk=4)
+  whole = A.create_model("alexnet_small", cpu_eval_chunk=0)
+  params = A.init_params(whole, jax.random.key(0))
+  fwd = lambda m: jax.jit(lambda p: m.apply({"params": p}, x))
+  ref = np.asarray(fwd(whole)(params))
+  np.testing.assert_allclose(fwd(chunked)(params), ref, rtol=0, atol=1e-6 * np.abs(ref).max())
+  if jax.default_backend() == "cpu":
+    hlo = lambda f: f.lower(params).compile().as_text()
+    assert "while" in hlo(fwd(chunked)) and "while" not in hlo(fwd(whole))
+    # conv1 (one channel) and conv3-conv5 (24 tiles) direct, chunks or not
+    assert hlo(fwd(chunked)).count("convolution(") == hlo(fwd(whole)).count("convolution(") == 4
+    # Training runs the whole batch: no loop beyond those of the dropout RNG.
+    train = lambda m: jax.jit(jax.grad(lambda p: m.apply(
+        {"params": p}, x, train=True, rngs={"dropout": jax.random.key(1)}).sum()))
+    assert hlo(train(chunked)).count(" while(") == hlo(train(whole)).count(" while(")
+
+
+def test_cpu_eval_chunk_must_not_be_negative():
+  with pytest.raises(ValueError, match="cpu_eval_chunk=-1 must be >= 0"):
+    A.create_model("alexnet", cpu_eval_chunk=-1)
