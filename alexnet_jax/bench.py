@@ -179,7 +179,7 @@ def bench_train(variant: str, batch: int, rounds: int = 5, iters: int = 3, warmu
       "peak_rss_mb": _peak_rss_mb(), "torch_threads": torch.get_num_threads(),
       "jax_backend": jax.default_backend(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "compiler_options": ops.compiler_options(), "cpu_winograd": winograd,
-      "cpu_eval_chunk": model.cpu_eval_chunk,
+      "cpu_eval_chunk": model.eval_chunk(x.shape),
   })
   if "torch_compile" in train:
     result["torch_compile_train_ips"] = train["torch_compile"]
@@ -232,7 +232,7 @@ def _print_train(variant: str, batch: int, r: dict[str, Any]) -> None:
         f"{r['torch_threads']}, XLA_FLAGS={r['xla_flags'] or '(none)'}, compiler options "
         f"{r['compiler_options'] or '(none)'}, CPU convolutions "
         f"{'Winograd where faster' if r['cpu_winograd'] else 'direct'}, CPU eval forward "
-        f"{'by chunks of up to %d images' % r['cpu_eval_chunk'] if r['cpu_eval_chunk'] else 'whole'}")
+        f"{'whole' if r['cpu_eval_chunk'] == batch else 'by %d images' % r['cpu_eval_chunk']}")
   compiled = r.get("torch_compile_train_ips")
   print(f"{'':<22}{'alexnet-jax':>12}{'torch eager':>13}{'ratio':>7}"
         + (f"{'torch.compile':>15}{'ratio':>7}" if compiled else ""))

@@ -122,6 +122,17 @@ def test_cpu_eval_forward_runs_the_conv_stack_by_chunks(monkeypatch):
     assert hlo(train(chunked)).count(" while(") == hlo(train(whole)).count(" while(")
 
 
+def test_cpu_eval_chunk_default_keeps_conv1_output_near_the_budget():
+  # torchvision's AlexNet: conv1's output is 55x55x64 fp32, 774 KB an image
+  assert A.create_model("alexnet").eval_chunk((64, 224, 224, 3)) == 4
+  assert A.create_model("alexnet").eval_chunk((63, 224, 224, 3)) == 3  # divides the batch
+  assert A.create_model("alexnet").eval_chunk((2, 224, 224, 3)) == 2
+  assert A.create_model("alexnet", cpu_eval_chunk=0).eval_chunk((64, 224, 224, 3)) == 64
+  assert A.create_model("alexnet", cpu_eval_chunk=8).eval_chunk((64, 224, 224, 3)) == 8
+  assert A.create_model("alexnet_small").eval_chunk((256, 28, 28, 1)) == 16  # 221 KB an image
+  assert A.create_model("alexnet").eval_chunk((8, 1024, 1024, 3)) == 1  # 16 MB an image
+
+
 def test_cpu_eval_chunk_must_not_be_negative():
   with pytest.raises(ValueError, match="cpu_eval_chunk=-1 must be >= 0"):
     A.create_model("alexnet", cpu_eval_chunk=-1)
