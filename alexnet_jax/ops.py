@@ -230,7 +230,8 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
   r = rhs.shape[0]
   _, _, th, tw = _tiling(lhs.shape[1], lhs.shape[2], r, padding, m)
   nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
-  if (rhs.shape[1] == r and not kwargs and (winograd_batch or lhs.shape[0]) * th * tw >= WINOGRAD_MIN_TILES
+  tiles = (winograd_batch or lhs.shape[0]) * th * tw
+  if (rhs.shape[1] == r and not kwargs and tiles >= WINOGRAD_MIN_TILES
       and min(rhs.shape[2:]) >= WINOGRAD_MIN_CHANNELS
       and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == nhwc
       and all(s == 1 for s in window_strides) and feature_group_count == 1
