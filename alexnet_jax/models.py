@@ -263,7 +263,9 @@ class AlexNet(nn.Module):
       return x
 
     chunk = self.eval_chunk(x.shape)
-    if train or chunk == n or self.is_initializing():
+    # Values sown inside the loop (capture_intermediates) would leak out of its trace.
+    if (train or chunk == n or self.is_initializing()
+        or self.is_mutable_collection("intermediates")):
       x = stack(x)
     else:
       def by_chunks(x):

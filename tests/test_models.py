@@ -111,6 +111,10 @@ def test_cpu_eval_forward_runs_the_conv_stack_by_chunks(monkeypatch):
   fwd = lambda m: jax.jit(lambda p: m.apply({"params": p}, x))
   ref = np.asarray(fwd(whole)(params))
   np.testing.assert_allclose(fwd(chunked)(params), ref, rtol=0, atol=1e-6 * np.abs(ref).max())
+  # Capturing intermediates runs the whole batch (values sown in a loop would leak its tracers).
+  _, state = jax.jit(lambda p: chunked.apply({"params": p}, x, capture_intermediates=True,
+                                             mutable=["intermediates"]))(params)
+  assert state["intermediates"]["conv1"]["__call__"][0].shape == (6, 24, 24, 96)
   if jax.default_backend() == "cpu":
     hlo = lambda f: f.lower(params).compile().as_text()
     assert "while" in hlo(fwd(chunked)) and "while" not in hlo(fwd(whole))
