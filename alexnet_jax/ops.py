@@ -111,13 +111,14 @@ def tap_max_pool_grad(x: jax.Array, y: jax.Array, g: jax.Array, *, window: int, 
   # Each window's first maximum is found once, by a reduction that XLA leaves unfused. As a chain
   # of selects (or a "taken" mask) it was fused into every tap's branch of the loop below and
   # re-derived there, together with the pool output and whatever produced x: about 5% of a step.
-  first = jnp.argmax(jnp.stack([tap for _, _, tap in _taps(x, window, stride)]), axis=0)
+  taps = list(_taps(x, window, stride))
+  first = jnp.argmax(jnp.stack([tap for _, _, tap in taps]), axis=0)
   zero = jnp.zeros((), g.dtype)
   return functools.reduce(jnp.add, (
       lax.pad(jnp.where(first == k, g, zero), zero,
               [(0, 0, 0), (i, h - i - span_h, stride - 1), (j, w - j - span_w, stride - 1),
                (0, 0, 0)])
-      for k, (i, j, _) in enumerate(_taps(x, window, stride))))
+      for k, (i, j, _) in enumerate(taps)))
 
 
 # ----------------------------------------------------------------------------------------------
