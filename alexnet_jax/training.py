@@ -241,7 +241,7 @@ def _constrain_state(train: Callable, sharding_of: Callable) -> Callable:
   return constrained
 
 
-def _compiled_with(options: dict[str, str], pmapped: Callable) -> Callable:
+def _compiled_with(options: dict[str, Any], pmapped: Callable) -> Callable:
   """``pmapped`` compiled with ``options``: ``jax.pmap`` takes none, its ``lower().compile`` does.
 
   One executable per argument structure, shapes and dtypes, as pmap's own cache keeps.

@@ -21,17 +21,38 @@ def _hlo(options):
 
 def test_cpu_compiler_options_turn_off_ynnpack_fusions():
   options = ops.compiler_options("cpu")
-  assert options == {"xla_cpu_experimental_ynn_fusion_type": ""}
+  assert options["xla_cpu_experimental_ynn_fusion_type"] == ""
   assert "ynn_fusion" not in _hlo(options)
   assert "convolution(" in _hlo(options)  # still XLA's own convolutions, now unfused
   assert ops.compiler_options("gpu") == {} and ops.compiler_options("tpu") == {}
 
 
+def test_region_based_copy_insertion_leaves_the_train_step_bit_equal():
+  # The option only changes which buffers XLA copies; its speed is measured by the bench.
+  model = create_model("alexnet_small")
+  config = default.get_config()
+  tx = create_optimizer(config, 10, 10)
+  state = create_train_state(config, model, tx)
+  rng = np.random.default_rng(0)
+  batch = {"image": jnp.asarray(rng.standard_normal((4, 28, 28, 1), np.float32)),
+           "label": jnp.asarray(rng.integers(0, 10, 4), jnp.int32), "mask": jnp.ones((4,), bool)}
+  lowered = make_steps("jit", model, tx, devices=jax.devices()[:1]).train.lower(state, batch)
+  options = ops.compiler_options("cpu")
+  assert options["xla_cpu_copy_insertion_use_region_analysis"] is True
+  without = {k: v for k, v in options.items() if k != "xla_cpu_copy_insertion_use_region_analysis"}
+  copy = lambda tree: jax.tree_util.tree_map(jnp.copy, tree)  # the step donates its state
+  new_states = [c(copy(state), batch)[0] for c in (lowered.compile(compiler_options=without),
+                                                  lowered.compile(compiler_options=options))]
+  for a, b in zip(*map(jax.tree_util.tree_leaves, new_states)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_an_option_this_jaxlib_does_not_know_is_dropped(monkeypatch):
-  monkeypatch.setattr(ops, "_CPU_OPTIONS", {"xla_cpu_no_such_option": ""})
+  monkeypatch.setattr(ops, "_CPU_OPTIONS", {"xla_cpu_no_such_option": "",
+                                            "xla_cpu_experimental_ynn_fusion_type": ""})
   ops.compiler_options.cache_clear()
   try:
-    assert ops.compiler_options("cpu") == {}
+    assert ops.compiler_options("cpu") == {"xla_cpu_experimental_ynn_fusion_type": ""}
   finally:
     ops.compiler_options.cache_clear()
 
