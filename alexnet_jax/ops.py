@@ -10,7 +10,8 @@ that the step updates in place.
 
 With YNNPACK's fusions off, XLA's convolutions run near the machine's matmul rate, so the
 remaining way to a faster convolution is fewer multiplications: on CPU, ``conv_general_dilated``
-computes the stride-1 convolutions (AlexNet's conv2-conv5) by Winograd's algorithm (``winograd_conv``).
+computes the stride-1 convolutions (AlexNet's conv2-conv5) by Winograd's algorithm
+(``winograd_conv``).
 
 A max pool's gradient (``select_and_scatter``) is slow on XLA:CPU too; routing the gradient tap by
 tap to each window's first maximum (XLA's and PyTorch's tie rule) is a few strided adds: AlexNet's
