@@ -5,7 +5,8 @@ defaults: ``ops.compiler_options``, no XLA_FLAGS) and the jitted forward (eval m
 runs the conv stack a few images at a time: ``AlexNet.cpu_eval_chunk``) against the
 same model and optimizer in PyTorch eager and ``torch.compile``, in one process, on the same batch,
 fp32. They are timed in alternating rounds after a warm-up, so that a background load or thermal
-drift hits all alike; the figure is the median round. It also reports compile times, XLA's memory
+drift hits all alike; the figure is the median round. Not all noise does hit alike (README,
+"Performance"), so each round's figure is reported too. It also reports compile times, XLA's memory
 and FLOP counts (model FLOPs: those of direct convolutions, whatever algorithm runs), and the
 machine's measured matmul rate.
 
@@ -30,9 +31,10 @@ import numpy as np
 from alexnet_jax.models import VARIANTS
 
 
-def _median_ips(fns: dict[str, Callable[[], Any]], batch: int, rounds: int, iters: int,
-                warmup: int) -> dict[str, float]:
-  """Images/s of each no-argument callable (which must block until done), alternating rounds."""
+def _rounds_ips(fns: dict[str, Callable[[], Any]], batch: int, rounds: int, iters: int,
+                warmup: int) -> dict[str, list[float]]:
+  """Images/s of each no-argument callable (which must block until done) in each of the
+  alternating rounds."""
   for fn in fns.values():
     for _ in range(warmup):
       fn()
@@ -43,7 +45,7 @@ def _median_ips(fns: dict[str, Callable[[], Any]], batch: int, rounds: int, iter
       for _ in range(iters):
         fn()
       per_round[name].append(batch * iters / (time.perf_counter() - start))
-  return {name: statistics.median(v) for name, v in per_round.items()}
+  return per_round
 
 
 def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
@@ -159,8 +161,10 @@ def bench_train(variant: str, batch: int, rounds: int = 5, iters: int = 3, warmu
       train_fns["torch_compile"] = torch_step(compiled_net)
     except Exception as e:  # noqa: BLE001  (no C++ toolchain, unsupported platform, ...)
       result["torch_compile_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-  fwd = _median_ips(fwd_fns, batch, rounds, iters, warmup)
-  train = _median_ips(train_fns, batch, rounds, iters, warmup)
+  fwd_rounds = _rounds_ips(fwd_fns, batch, rounds, iters, warmup)
+  train_rounds = _rounds_ips(train_fns, batch, rounds, iters, warmup)
+  fwd, train = ({name: statistics.median(v) for name, v in per_round.items()}
+                for per_round in (fwd_rounds, train_rounds))
   matmul = matmul_gflops()
   result.update({
       "jax_train_ips": train["jax"], "torch_train_ips": train["torch"],
@@ -178,6 +182,8 @@ def bench_train(variant: str, batch: int, rounds: int = 5, iters: int = 3, warmu
                                    - memory.alias_size_in_bytes) / 2**20,
       "peak_rss_mb": _peak_rss_mb(), "torch_threads": torch.get_num_threads(),
       "jax_backend": jax.default_backend(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      # A shared VM's noise shows as spread between rounds (see README, "Performance").
+      "rounds_train_ips": train_rounds, "rounds_fwd_ips": fwd_rounds,
       "compiler_options": ops.compiler_options(), "cpu_winograd": winograd,
       "cpu_eval_chunk": model.eval_chunk(x.shape),
   })
@@ -241,6 +247,10 @@ def _print_train(variant: str, batch: int, r: dict[str, Any]) -> None:
         + (f"{compiled:>15.1f}{r['ratio_train_vs_compile']:>7.2f}" if compiled else ""))
   print(f"{'forward, img/s':<22}{r['jax_fwd_ips']:>12.1f}{r['torch_fwd_ips']:>13.1f}"
         f"{r['ratio_fwd']:>7.2f}")
+  spread = lambda rounds: ", ".join(f"{name} {min(v):.1f}-{max(v):.1f}"
+                                    for name, v in rounds.items())
+  print(f"img/s over the rounds: train {spread(r['rounds_train_ips'])}; "
+        f"forward {spread(r['rounds_fwd_ips'])}")
   if "torch_compile_error" in r:
     print(f"torch.compile: not used ({r['torch_compile_error']})")
   print(f"compile: jax {r['compile_s_jax']:.1f} s"
