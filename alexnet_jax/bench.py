@@ -163,8 +163,8 @@ def bench_train(variant: str, batch: int, rounds: int = 5, iters: int = 3, warmu
       result["torch_compile_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
   fwd_rounds = _rounds_ips(fwd_fns, batch, rounds, iters, warmup)
   train_rounds = _rounds_ips(train_fns, batch, rounds, iters, warmup)
-  fwd, train = ({name: statistics.median(v) for name, v in per_round.items()}
-                for per_round in (fwd_rounds, train_rounds))
+  median = lambda per_round: {name: statistics.median(v) for name, v in per_round.items()}
+  fwd, train = median(fwd_rounds), median(train_rounds)
   matmul = matmul_gflops()
   result.update({
       "jax_train_ips": train["jax"], "torch_train_ips": train["torch"],
