@@ -2,60 +2,294 @@
 
 ``WORKDIR/checkpoints`` holds the last ``config.keep_checkpoints`` checkpoints plus the best one by
 eval top-1. Each holds the train state (params, optimizer state, step, RNG, plateau state), the
-data iterator's position and the config. The state is saved unreplicated, so a checkpoint restores
-on any number of devices.
+data iterator's position, the config and a checksum of every array of the state. The state is
+saved unreplicated, so a checkpoint restores on any number of devices.
+
+Orbax checksums only its shard indexes, not the array data, so a flipped bit in a chunk restores
+silently; ``fingerprint`` fills that gap. It runs on the devices (an integer sum, so the same on
+any device count) and also tells whether the state is finite, which a save requires.
+``restore_latest`` verifies before the state is used, and moves a damaged checkpoint aside to
+``checkpoints/corrupt/STEP-REASON`` (never deletes it) so that the run, and every rerun, goes on
+from the newest intact one.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import re
+import shutil
+import sys
+import time
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
+from alexnet_jax import config_checks
 from alexnet_jax.models import AlexNet, init_params
 
 WHICH = ("latest", "best")
+CORRUPT_DIR = "corrupt"
+ITEMS = ("state", "config")  # what a checkpoint must hold to resume from it
 
 
-def create_manager(workdir: str, config: Any) -> ocp.CheckpointManager:
+class CheckpointError(Exception):
+  """A checkpoint that cannot be used; the message says which and why."""
+
+
+class DamagedCheckpoint(CheckpointError):
+  """A checkpoint whose files are missing, unreadable or fail their checksum."""
+
+  def __init__(self, directory: str, step: int, reason: str, detail: str):
+    self.step, self.reason = step, reason
+    super().__init__(f"checkpoint {step} in {directory} is damaged ({reason}): {detail}")
+
+
+def create_manager(workdir: str, config: Any, training: bool = True) -> ocp.CheckpointManager:
+  """The workdir's manager; only a training run's removes half-written saves (an evaluator
+  beside a running trainer must not remove the save it is writing)."""
   policies = ocp.checkpoint_managers
   keep_best = policies.BestN(get_metric_fn=lambda m: m["eval_top1"], n=1,
                              keep_checkpoints_without_metrics=False)
   options = ocp.CheckpointManagerOptions(
       create=True, enable_async_checkpointing=config.async_checkpointing,
+      cleanup_tmp_directories=training,  # the half-written saves of a killed run
       best_fn=lambda m: m["eval_top1"], best_mode="max",
       preservation_policy=policies.AnyPreservationPolicy(
-          [policies.LatestN(n=max(1, config.keep_checkpoints)), keep_best]))
+          [policies.LatestN(n=config.keep_checkpoints), keep_best]))
   return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
                                options=options)
 
 
+# ----------------------------------------------------------------------------------------------
+# Checksums.
+
+# Knuth's multiplicative constant: odd, so every element's weight is odd and a change of any
+# single bit changes the sum (mod 2**32).
+_MIX = np.uint32(2654435761)
+
+
+def _leaf_checksum(x: jax.Array) -> jax.Array:
+  x = jnp.ravel(x)
+  if x.dtype == jnp.bool_:
+    words = x.astype(jnp.uint32)
+  elif x.dtype.itemsize >= 4:
+    words = jax.lax.bitcast_convert_type(x, jnp.uint32).ravel()
+  else:
+    words = jax.lax.bitcast_convert_type(
+        x, {1: jnp.uint8, 2: jnp.uint16}[x.dtype.itemsize]).astype(jnp.uint32)
+  index = jnp.arange(words.size, dtype=jnp.uint32)
+  return jnp.sum(words * ((index * np.uint32(2) + np.uint32(1)) * _MIX), dtype=jnp.uint32)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _fingerprint(leaves: list[jax.Array], checked: tuple[bool, ...]
+                 ) -> tuple[jax.Array, jax.Array]:
+  sums = jnp.stack([_leaf_checksum(x) for x in leaves])
+  finite = [jnp.all(jnp.isfinite(x)) for x, c in zip(leaves, checked)
+            if c and jnp.issubdtype(x.dtype, jnp.inexact)]
+  return sums, jnp.all(jnp.stack(finite)) if finite else jnp.bool_(True)
+
+
+def _path_name(path: tuple) -> str:
+  """``params/fc1/kernel``: the same for a TrainState and for the nested dicts Orbax reports."""
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+# The plateau state starts at +inf (no best value yet): only these must be finite.
+_MUST_BE_FINITE = ("params", "opt_state")
+
+
+def fingerprint(state: Any) -> tuple[dict[str, int], bool]:
+  """A checksum of every array of ``state`` by its path, and whether its params and optimizer
+  state are all finite."""
+  paths, leaves = zip(*jax.tree_util.tree_leaves_with_path(state))
+  names = [_path_name(p) for p in paths]
+  checked = tuple(n.split("/")[0] in _MUST_BE_FINITE for n in names)
+  sums, finite = jax.device_get(_fingerprint(list(leaves), checked))
+  return {n: int(s) for n, s in zip(names, sums)}, bool(finite)
+
+
+# ----------------------------------------------------------------------------------------------
+# Saving.
+
+
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: Mapping[str, int],
          config: Any, eval_metrics: Mapping[str, float] | None = None) -> None:
-  """Saves in the background; the device-to-host copy is done before this returns."""
+  """Saves in the background; the device-to-host copy is done before this returns.
+
+  Raises FloatingPointError, and writes nothing, if the state holds a NaN or an infinity.
+  """
   if step in manager.all_steps():
     return
+  checksums, finite = fingerprint(state)
+  if not finite:
+    last = manager.latest_step()
+    raise FloatingPointError(
+        f"the parameters or optimizer state hold NaN or inf at step {step}; not saving it. The "
+        f"last good checkpoint is {_describe(manager, last)}. Lower the learning rate (or "
+        "raise warmup_epochs), or check the data, then rerun to resume from it.")
   metrics = {"eval_top1": float(eval_metrics["eval_top1"])} if eval_metrics else None
   manager.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state),
       data=ocp.args.JsonSave(dict(data_state)),
-      config=ocp.args.JsonSave(config.to_dict())), metrics=metrics, force=True)
+      config=ocp.args.JsonSave(config.to_dict()),
+      integrity=ocp.args.JsonSave({"checksums": checksums})), metrics=metrics, force=True)
+
+
+def _describe(manager: ocp.CheckpointManager, step: int | None) -> str:
+  return "none (no checkpoint was written)" if step is None else (
+      f"step {step} ({os.path.join(manager.directory, str(step))})")
+
+
+def last_good(manager: ocp.CheckpointManager) -> str:
+  """The newest checkpoint, described for a stop message."""
+  return _describe(manager, manager.latest_step())
+
+
+# ----------------------------------------------------------------------------------------------
+# Restoring, verified.
+
+
+def _step_dir(manager: ocp.CheckpointManager, step: int) -> str:
+  return os.path.join(str(manager.directory), str(step))
+
+
+def _first_line(error: BaseException) -> str:
+  """The exception's first line (its middle cut when long), led by the OS error that
+  TensorStore names only by number, deep in the message or in a cause."""
+  text = (str(error).strip().splitlines() or [""])[0]
+  if len(text) > 300:
+    text = f"{text[:150]} ... {text[-150:]}"
+  text = f"{type(error).__name__}: {text}"
+  chain, cause = str(error), error.__cause__ or error.__context__
+  while cause is not None:
+    chain, cause = chain + str(cause), cause.__cause__ or cause.__context__
+  code = re.search(r"os_error_code='?(\d+)", chain)
+  return f"{os.strerror(int(code[1]))} ({text})" if code else text
+
+
+def _restore_item(manager: ocp.CheckpointManager, step: int, name: str, args: Any) -> Any:
+  try:
+    return manager.restore(step, args=ocp.args.Composite(**{name: args}))[name]
+  except Exception as e:  # noqa: BLE001  (TensorStore and Orbax raise many kinds)
+    raise DamagedCheckpoint(manager.directory, step, f"{name}-unreadable", _first_line(e)) from e
+
+
+def _check_shapes(manager: ocp.CheckpointManager, step: int, template: Any) -> None:
+  """A checkpoint of another model is a config problem, not damage: say so before restoring."""
+  try:
+    with ocp.StandardCheckpointer() as checkpointer:
+      stored = checkpointer.metadata(os.path.join(_step_dir(manager, step), "state")).item_metadata
+    stored = {_path_name(p): tuple(m.shape) for p, m in
+              jax.tree_util.tree_leaves_with_path(stored.tree if hasattr(stored, "tree") else stored)}
+  except Exception as e:  # noqa: BLE001
+    raise DamagedCheckpoint(manager.directory, step, "state-metadata-unreadable",
+                            _first_line(e)) from e
+  if not stored:
+    raise DamagedCheckpoint(manager.directory, step, "state-metadata-empty",
+                            "the state item lists no arrays")
+  wanted = {_path_name(p): tuple(np.shape(x))
+            for p, x in jax.tree_util.tree_leaves_with_path(template)}
+  wrong = [f"{k} {stored.get(k)} vs {v}" for k, v in wanted.items() if stored.get(k) != v]
+  if wrong:
+    raise CheckpointError(
+        f"checkpoint {step} in {manager.directory} holds another model than the config's: "
+        f"{'; '.join(wrong[:5])}{' ...' if len(wrong) > 5 else ''} (checkpoint vs config). "
+        "Use the config it was trained with, or another workdir.")
+
+
+def restore_step(manager: ocp.CheckpointManager, step: int, template: Any) -> Any:
+  """The verified state of checkpoint ``step``, shaped like ``template``.
+
+  Raises DamagedCheckpoint if an item is missing or unreadable or a checksum differs, and
+  CheckpointError if it holds another model.
+  """
+  folder = _step_dir(manager, step)
+  missing = [item for item in ITEMS if not os.path.isdir(os.path.join(folder, item))]
+  if missing:
+    raise DamagedCheckpoint(manager.directory, step, f"{missing[0]}-missing",
+                            f"no {', '.join(missing)} item in {folder}")
+  _check_shapes(manager, step, template)
+  expected = None
+  if os.path.isdir(os.path.join(folder, "integrity")):
+    expected = _restore_item(manager, step, "integrity", ocp.args.JsonRestore())["checksums"]
+  elif jax.process_index() == 0:
+    print(f"warning: checkpoint {step} in {manager.directory} has no checksums (written by an "
+          "older version); its data is not verified", file=sys.stderr, flush=True)
+  abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)
+  state = _restore_item(manager, step, "state", ocp.args.StandardRestore(abstract))
+  if expected is None:
+    return state
+  checksums, _ = fingerprint(state)
+  wrong = sorted(k for k in set(checksums) | set(expected) if checksums.get(k) != expected.get(k))
+  if wrong:
+    raise DamagedCheckpoint(manager.directory, step, "checksum-mismatch",
+                            f"the data of {', '.join(wrong[:4])}{' ...' if len(wrong) > 4 else ''}"
+                            " differs from what was saved")
+  return state
+
+
+def stored_config(manager: ocp.CheckpointManager, step: int) -> dict:
+  return _restore_item(manager, step, "config", ocp.args.JsonRestore())
+
+
+def _all_agree(flag: bool) -> bool:
+  """Whether ``flag`` holds on every process (each may have read different files)."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.all(multihost_utils.process_allgather(np.array(flag))))
+
+
+def move_aside(manager: ocp.CheckpointManager, step: int, reason: str) -> str:
+  """Moves checkpoint ``step`` to ``checkpoints/corrupt/STEP-REASON`` (process 0 moves it)."""
+  target = os.path.join(str(manager.directory), CORRUPT_DIR, f"{step}-{reason}")
+  if os.path.exists(target):
+    target += f"-{int(time.time())}"
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    shutil.move(_step_dir(manager, step), target)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"alexnet_jax moved checkpoint {step} aside")
+  manager.reload()
+  return target
+
+
+def restore_latest(manager: ocp.CheckpointManager, template: Any, config: Any) -> Any | None:
+  """The state of the newest intact checkpoint, or None if there is none.
+
+  Newer damaged checkpoints are moved aside with a warning. The config is compared with the
+  checkpoint's first (``config_checks.check_resume``), which raises if it changed the run.
+  """
+  for step in sorted(manager.all_steps(), reverse=True):
+    damage = None
+    try:
+      config_checks.check_resume(stored_config(manager, step), config, step)
+      state = restore_step(manager, step, template)
+    except DamagedCheckpoint as e:
+      damage = e
+    if _all_agree(damage is None):
+      return state
+    if damage is None:
+      damage = DamagedCheckpoint(manager.directory, step, "unreadable-elsewhere",
+                                 "another process could not read it")
+    target = move_aside(manager, step, damage.reason)
+    if jax.process_index() == 0:
+      print(f"warning: {damage}; moved it to {target} and resuming from the checkpoint before it",
+            file=sys.stderr, flush=True)
+  return None
 
 
 def restore(manager: ocp.CheckpointManager, template: Any, which: str = "latest") -> Any | None:
-  """The state of the latest or best checkpoint shaped like ``template``, or None if none."""
+  """The verified state of the latest or best checkpoint, or None if none; nothing is moved."""
   if which not in WHICH:
     raise ValueError(f"eval_checkpoint must be one of {WHICH}; got {which!r}")
   step = manager.latest_step() if which == "latest" else manager.best_step()
-  if step is None:
-    return None
-  abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract)))
-  return restored["state"]
+  return None if step is None else restore_step(manager, step, template)
 
 
 def _restore_params(path: str) -> Any:
@@ -66,10 +300,13 @@ def _restore_params(path: str) -> Any:
       with ocp.CheckpointManager(folder, options=ocp.CheckpointManagerOptions(
           read_only=True)) as manager:
         step = manager.latest_step()
-        state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-      return state["state"]["params"]
+        return _restore_item(manager, step, "state", ocp.args.StandardRestore())["params"]
   if os.path.isdir(os.path.join(path, "state")):
-    return ocp.StandardCheckpointer().restore(os.path.join(path, "state"))["params"]
+    try:
+      return ocp.StandardCheckpointer().restore(os.path.join(path, "state"))["params"]
+    except Exception as e:  # noqa: BLE001
+      raise CheckpointError(f"init_from={path!r}: the checkpoint cannot be read "
+                            f"({_first_line(e)})") from e
   raise FileNotFoundError(f"init_from={path!r} is neither a .pth/.pt/.msgpack file nor an Orbax "
                           "checkpoint (a workdir, its checkpoints folder or one step folder)")
 

@@ -20,12 +20,15 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from alexnet_jax import checkpointing, ops, optim
+from alexnet_jax import checkpointing, config_checks, ops, optim, preemption
 from alexnet_jax import input_pipeline as ip
 from alexnet_jax.metric_log import MetricLogger
 from alexnet_jax.models import AlexNet, create_model, init_params
 
 AXIS = "data"
+# What a user can fix (settings, files, a damaged checkpoint, a full disk, a diverged run): a
+# command line reports these in one line.
+USER_ERRORS = (ValueError, OSError, FloatingPointError, checkpointing.CheckpointError)
 MODEL_AXIS = "model"  # hybrid mode's second mesh axis, over which the dense layers are split
 PARALLEL_MODES = ("pmap", "jit", "hybrid")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -318,8 +321,6 @@ def evaluate(steps: Steps, params: Any, source: ip.Source, preprocess: ip.Prepro
 def _num_train_steps(config: Any, steps_per_epoch: int) -> int:
   if config.num_train_steps > 0:
     return config.num_train_steps
-  if config.num_epochs <= 0:
-    raise ValueError("set config.num_epochs or config.num_train_steps to a positive number")
   return int(math.ceil(config.num_epochs * steps_per_epoch))
 
 
@@ -338,11 +339,43 @@ def _progress(step: int, total: int, metrics: Mapping[str, float], start: float,
           f"{metrics['images_per_sec']:.0f} img/s  ETA {eta / 60:.1f} min")
 
 
+def _report_skipped(sources: tuple[ip.Source, ...], workdir: str) -> None:
+  """Lists the files ``skip_bad_images`` left out, on the console and in the workdir."""
+  skipped = [f for source in sources for f in source.skipped]
+  if not skipped:
+    return
+  name = ("skipped_images.txt" if jax.process_count() == 1
+          else f"skipped_images.process_{jax.process_index()}.txt")
+  path = os.path.join(workdir, name)
+  with open(path, "w") as f:
+    f.write("".join(f"{p}\n" for p in skipped))
+  shown = "\n".join(f"  {p}" for p in skipped[:10])
+  more = f"\n  ... and {len(skipped) - 10} more" if len(skipped) > 10 else ""
+  print(f"skip_bad_images: left out {len(skipped)} undecodable file(s), listed in {path}:\n"
+        f"{shown}{more}", flush=True)
+
+
+def _check_batch_fits(config: Any, source: ip.Source) -> None:
+  local = ip.local_batch_size(config.batch_size)
+  if source.num_examples < local:
+    per = "" if jax.process_count() == 1 else f" per process ({jax.process_count()} processes)"
+    raise ValueError(
+        f"config.batch_size={config.batch_size} is larger than the {source.num_examples} "
+        f"examples{per} of {source.name} split {source.split!r}: use a batch of at most "
+        f"{source.num_examples * jax.process_count()} or a larger split")
+
+
 def train_and_evaluate(config: Any, workdir: str) -> TrainState:
-  """Trains ``config`` in ``workdir``, resuming from its latest checkpoint if there is one."""
+  """Trains ``config`` in ``workdir``, resuming from its newest intact checkpoint if any.
+
+  On SIGTERM or SIGINT the run saves the step it is on and returns (see ``preemption``).
+  """
+  config_checks.validate(config)
   main_process = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   train_source, eval_source = create_sources(config)
+  _report_skipped((train_source, eval_source), workdir)
+  _check_batch_fits(config, train_source)
   preprocess = create_preprocess(config)
   model = create_model_from_config(config, train_source.num_classes)
   local_batch = ip.local_batch_size(config.batch_size)
@@ -353,19 +386,45 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainState:
                      model_parallel=config.model_parallel)
 
   manager = checkpointing.create_manager(workdir, config)
-  resuming = manager.latest_step() is not None
-  # init_from only seeds a fresh run; a resumed one has its own weights.
-  state = replicate_state(create_train_state(
-      config, model, tx, params=None if resuming else _initial_params(config, model)), steps)
-  if resuming:  # straight into the replicated layout: every process reads its own devices' copy
-    state = checkpointing.restore(manager, state, "latest")
-    if main_process:
+  try:
+    state, resumed = _initial_state(config, model, tx, steps, manager)
+    if resumed and main_process:
       print(f"resumed from {manager.directory} at step {int(state.step)}", flush=True)
+    state = _train(config, workdir, state, steps, manager, train_source, eval_source,
+                   preprocess, num_steps, steps_per_epoch)
+  except BaseException:
+    try:
+      manager.close()
+    except Exception:  # noqa: BLE001  (a failed save again: the error in flight says it first)
+      pass
+    raise
+  manager.close()
+  return state
+
+
+def _initial_state(config: Any, model: AlexNet, tx: optax.GradientTransformation, steps: Steps,
+                   manager: Any) -> tuple[TrainState, bool]:
+  """The newest intact checkpoint's state, or a fresh one (from ``init_from`` if set)."""
+  if manager.latest_step() is not None:
+    # Straight into the replicated layout: every process reads its own devices' copy.
+    template = replicate_state(create_train_state(config, model, tx), steps)
+    state = checkpointing.restore_latest(manager, template, config)
+    if state is not None:
+      return state, True
+  # init_from only seeds a fresh run; a resumed one has its own weights.
+  return replicate_state(create_train_state(
+      config, model, tx, params=_initial_params(config, model)), steps), False
+
+
+def _train(config: Any, workdir: str, state: TrainState, steps: Steps, manager: Any,
+           train_source: ip.Source, eval_source: ip.Source, preprocess: ip.Preprocess,
+           num_steps: int, steps_per_epoch: int) -> TrainState:
+  """The training loop from ``state`` to ``num_steps`` (or ``halt_at_step``, or a signal)."""
+  main_process = jax.process_index() == 0
   start_step = int(state.step)
   log = MetricLogger(workdir, enabled=main_process, tensorboard=config.tensorboard)
   log.resume_at(start_step)
-
-  log_every = max(1, config.log_every_steps)
+  log_every = config.log_every_steps
   eval_every = _every(config.eval_every_steps, config.eval_every_epochs, steps_per_epoch)
   ckpt_every = _every(config.checkpoint_every_steps, 0, steps_per_epoch)
   halt = config.halt_at_step if config.halt_at_step > 0 else num_steps
@@ -378,16 +437,20 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainState:
           flush=True)
 
   pending, window_start, start = [], time.time(), time.time()
-  step = start_step
-  try:
+  step, saving = start_step, None  # the step of a save still being written in the background
+  with preemption.Watcher() as watcher, log:
     while step < min(num_steps, halt):
       state, metrics = steps.train(state, next(batches))
       step += 1
+      if saving is not None and not manager.is_saving_in_progress():
+        _finish_save(manager, saving)
+        saving = None
       pending.append(metrics)
+      stop = watcher.reached(step)
       do_eval = step == num_steps or (eval_every and step % eval_every == 0)
-      do_ckpt = do_eval or step == halt or (ckpt_every and step % ckpt_every == 0)
+      do_ckpt = do_eval or stop or step == halt or (ckpt_every and step % ckpt_every == 0)
       if step % log_every == 0 or do_ckpt:
-        summary = _summarise(pending, step, window_start, config.batch_size)
+        summary = _summarise(pending, step, window_start, config.batch_size, manager)
         pending, window_start = [], time.time()
         log.write(step, summary)
         if main_process:
@@ -406,17 +469,34 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainState:
                                                     1.0 - eval_metrics["eval_top1"])
           state = state.replace(plateau=plateau, opt_state=opt_state)
       if do_ckpt:
+        if saving is not None:  # the previous save's failure, before this one is started
+          _finish_save(manager, saving)
         checkpointing.save(manager, step, state, train_iter.state(), config, eval_metrics)
+        saving = step
         window_start = time.time()  # the throughput figure is of training alone
-  finally:
-    manager.wait_until_finished()
-    manager.close()
-    log.close()
+      if stop:
+        break
+    if saving is not None:
+      _finish_save(manager, saving)
+  if watcher.received and step < min(num_steps, halt) and main_process:
+    print(f"stopped by {watcher.received} at step {step}/{num_steps}: checkpoint {step} is "
+          f"saved in {manager.directory}; rerun the same command to resume", flush=True)
   return jax.device_get(state)
 
 
-def _summarise(pending: list[dict], step: int, window_start: float, batch_size: int
-               ) -> dict[str, float]:
+def _finish_save(manager: Any, step: int) -> None:
+  """Waits for the save of ``step``; its failure stops the run with the reason."""
+  try:
+    manager.wait_until_finished()
+  except Exception as e:  # noqa: BLE001  (whatever the file system raised)
+    raise checkpointing.CheckpointError(
+        f"saving checkpoint {step} failed: {checkpointing._first_line(e)}. The run stopped; "
+        f"the newest complete checkpoint is {checkpointing.last_good(manager)}. Free space or "
+        "fix the file system, then rerun to resume from it.") from e
+
+
+def _summarise(pending: list[dict], step: int, window_start: float, batch_size: int,
+               manager: Any) -> dict[str, float]:
   """Means over the steps since the last log; a NaN/inf loss stops the run before any save."""
   values = jax.device_get(pending)
   losses = np.array([m["train_loss"] for m in values])
@@ -424,7 +504,8 @@ def _summarise(pending: list[dict], step: int, window_start: float, batch_size: 
     bad = step - len(losses) + int(np.argmin(np.isfinite(losses))) + 1
     raise FloatingPointError(
         f"training loss became {losses[~np.isfinite(losses)][0]} at step {bad}; stopping. The "
-        "last checkpoint was written before it. Lower the learning rate or check the data.")
+        f"last good checkpoint is {checkpointing.last_good(manager)}. Lower the learning rate "
+        "(or raise warmup_epochs), or check the data, then rerun to resume from it.")
   summary = {k: float(np.mean([m[k] for m in values])) for k in ("train_loss", "train_top1")}
   summary["lr"] = float(values[-1]["lr"])
   summary["images_per_sec"] = len(values) * batch_size / max(time.time() - window_start, 1e-9)
@@ -440,13 +521,14 @@ def _initial_params(config: Any, model: AlexNet) -> Any | None:
 
 def evaluate_checkpoint(config: Any, workdir: str, which: str | None = None) -> dict[str, float]:
   """``--mode eval``: evaluates the latest (or best) checkpoint of ``workdir``."""
+  config_checks.validate(config)
   which = which or config.eval_checkpoint
   eval_source = create_source(config, train=False)
   preprocess = create_preprocess(config)
   model = create_model_from_config(config, eval_source.num_classes)
   tx = optim.create_optimizer(config, 1, 10**9)  # the state's layout is all that matters here
   steps = make_steps(config.parallel, model, tx, model_parallel=config.model_parallel)
-  manager = checkpointing.create_manager(workdir, config)
+  manager = checkpointing.create_manager(workdir, config, training=False)
   try:
     state = checkpointing.restore(
         manager, replicate_state(create_train_state(config, model, tx), steps), which)

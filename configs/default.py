@@ -84,6 +84,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.tensorboard = True
   c.eval_checkpoint = "latest"  # --mode eval: latest | best
   c.halt_at_step = -1  # > 0: checkpoint and stop there (then rerun to resume)
+  # A rerun in a workdir resumes its checkpoint; a change of any field that alters the run
+  # (model, data, preprocessing, batch, seed, optimizer, schedule, dtype, a shorter run) stops
+  # it with the list of changes, unless this is True.
+  c.allow_config_change = False
 
   # Start from other weights: an Orbax workdir/checkpoint, a PyTorch .pth or a converted .msgpack.
   c.init_from = ""

@@ -1,0 +1,117 @@
+"""What a training config's counts may be, and which changes a resumed run accepts.
+
+``validate`` checks the fields that only the training loop reads (the optimizer, the model, the
+presets and the parallel mode check their own). ``check_resume`` compares a checkpoint's config
+with the current one: a change that alters the run's trajectory stops it unless
+``allow_config_change`` is set.
+"""
+
+from __future__ import annotations
+
+import json
+import numbers
+import sys
+from typing import Any, Mapping
+
+from alexnet_jax.models import VARIANTS
+
+# Fields a resume may change: how often the run logs, evaluates and saves, where it finds its
+# files, how it is spread over devices (the same step on any count), and what seeds a fresh run.
+RESUME_SAFE = frozenset({
+    "log_every_steps", "eval_every_steps", "eval_every_epochs", "checkpoint_every_steps",
+    "keep_checkpoints", "async_checkpointing", "tensorboard", "eval_checkpoint", "halt_at_step",
+    "prefetch", "eval_batch_size", "parallel", "model_parallel", "data_dir", "manual_dir",
+    "init_from", "init_replace_head", "allow_config_change"})
+# A longer run may resume a shorter one; a shorter one changes the schedule it was on.
+LENGTH_FIELDS = ("num_train_steps", "num_epochs")
+
+# field: the smallest valid value; None means "-1 (unset) or at least 1".
+_INTS = {"batch_size": 1, "eval_batch_size": 0, "log_every_steps": 1, "eval_every_steps": 0,
+         "checkpoint_every_steps": 0, "keep_checkpoints": 1, "prefetch": 1, "image_size": 1,
+         "resize_size": 1, "pad": 0, "model_parallel": 1, "seed": 0, "num_train_steps": None,
+         "halt_at_step": None}
+_REALS = {"num_epochs": 0.0, "eval_every_epochs": 0.0}
+_BOOLS = ("skip_bad_images", "async_checkpointing", "tensorboard", "init_replace_head",
+          "allow_config_change")
+
+
+class ConfigChanged(ValueError):
+  """The current config would change the run that a workdir's checkpoint belongs to."""
+
+
+def _is_int(x: Any) -> bool:
+  return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def validate(config: Any) -> None:
+  """Raises ValueError naming the first field with a value out of range, and what is valid."""
+  if config.model not in VARIANTS:
+    raise ValueError(f"config.model must be one of {VARIANTS}; got {config.model!r}")
+  for name, low in _INTS.items():
+    value = config[name]
+    if low is None:
+      if not _is_int(value) or (value < 1 and value != -1):
+        raise ValueError(f"config.{name} must be a positive integer, or -1 for none; "
+                         f"got {value!r}")
+    elif not _is_int(value) or value < low:
+      what = "a positive integer" if low == 1 else f"an integer >= {low}"
+      raise ValueError(f"config.{name} must be {what}; got {value!r}")
+  for name, low in _REALS.items():
+    value = config[name]
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or value < low:
+      raise ValueError(f"config.{name} must be a number >= {low}; got {value!r}")
+  for name in _BOOLS:
+    if not isinstance(config[name], bool):
+      raise ValueError(f"config.{name} must be True or False; got {config[name]!r}")
+  if config.num_train_steps == -1 and config.num_epochs <= 0:
+    raise ValueError("set config.num_epochs or config.num_train_steps to a positive number")
+
+
+def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      flat.update(_flat(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
+def _shortened(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
+  """Whether the run got shorter, or switched between counting steps and epochs."""
+  old_steps, new_steps = old.get("num_train_steps", -1), new["num_train_steps"]
+  if (old_steps > 0) != (new_steps > 0):
+    return True
+  if new_steps > 0:
+    return new_steps < old_steps
+  return new["num_epochs"] < old.get("num_epochs", new["num_epochs"])
+
+
+def changes(stored: Mapping[str, Any], config: Any) -> list[str]:
+  """``field: old -> new`` for each field whose change alters the run's trajectory.
+
+  Fields the stored config lacks (written by an older version) are not compared.
+  """
+  old = _flat(stored)
+  new = _flat(json.loads(json.dumps(config.to_dict())))  # tuples as lists, as stored
+  listed = [k for k in new if k in old and old[k] != new[k] and k not in RESUME_SAFE
+            and k not in LENGTH_FIELDS]
+  if _shortened(old, new):
+    listed += [k for k in LENGTH_FIELDS if k in old and old[k] != new[k]]
+  return [f"{k}: {old[k]!r} -> {new[k]!r}" for k in sorted(listed)]
+
+
+def check_resume(stored: Mapping[str, Any], config: Any, step: int) -> None:
+  """Raises ConfigChanged listing what changed, unless ``config.allow_config_change``."""
+  listed = changes(stored, config)
+  if not listed:
+    return
+  lines = "\n  ".join(listed)
+  if config.allow_config_change:
+    print(f"warning: resuming step {step} with a changed config (allow_config_change=True):\n"
+          f"  {lines}", file=sys.stderr, flush=True)
+    return
+  raise ConfigChanged(
+      f"the checkpoint of step {step} was trained with another config; these changes would "
+      f"alter the run:\n  {lines}\nRerun with the checkpoint's values, use another --workdir, "
+      "or set --config.allow_config_change=True to go on with the new ones.")
