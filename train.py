@@ -7,9 +7,14 @@ Multi-process (multi-host): start the same command in every process with ``--dis
 TPU pod slices, SLURM, Open MPI: JAX finds the rest) or with ``--coordinator_address``,
 ``--num_processes`` and ``--process_id`` (or ``$JAX_COORDINATOR_ADDRESS``, ``$JAX_NUM_PROCESSES``,
 ``$JAX_PROCESS_ID``).
+
+Bad settings, damaged checkpoints and failed saves end with one ``error:`` line and exit status 1
+(``--verbosity=0`` or higher also prints the traceback). SIGTERM or SIGINT saves the current step
+and exits 0; rerunning the command resumes.
 """
 
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -37,11 +42,18 @@ _HEARTBEAT = flags.DEFINE_integer(
     "and the others stop.")
 
 
+def _without_traceback(record) -> bool:
+  record.exc_info, record.exc_text = None, None
+  return True
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
+    # Orbax logs the traceback of a failed background save; the error line says what failed.
+    logging.get_absl_handler().addFilter(_without_traceback)
   from alexnet_jax import distributed  # after flag parsing: --help stays fast
 
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
@@ -50,7 +62,17 @@ def main(argv):
   from alexnet_jax import training
 
   run = training.train_and_evaluate if _MODE.value == "train" else training.evaluate_checkpoint
-  distributed.run_or_abort(lambda: run(_CONFIG.value, _WORKDIR.value))
+
+  def job():
+    try:
+      run(_CONFIG.value, _WORKDIR.value)
+    except training.USER_ERRORS as e:
+      if flags.FLAGS["verbosity"].present:  # asked for details: the traceback too
+        raise
+      print(f"error: {e}", file=sys.stderr, flush=True)
+      sys.exit(1)
+
+  distributed.run_or_abort(job)
 
 
 if __name__ == "__main__":

@@ -36,9 +36,18 @@ def save_params(path: str, params: Any) -> None:
 
 
 def load_params(path: str) -> dict:
-  """Reads a Flax param tree written by ``save_params``."""
+  """Reads a Flax param tree written by ``save_params``; ValueError if it is not one."""
   with open(path, "rb") as f:
-    return serialization.msgpack_restore(f.read())
+    data = f.read()
+  try:
+    params = serialization.msgpack_restore(data)
+  except Exception as e:  # noqa: BLE001  (msgpack raises several kinds on bad bytes)
+    raise ValueError(f"{path} cannot be read as Flax msgpack params (truncated or of another "
+                     f"format?): {type(e).__name__} {str(e)[:200]}".rstrip()) from e
+  if not isinstance(params, dict) or not all(isinstance(v, dict) for v in params.values()):
+    raise ValueError(f"{path} holds a {type(params).__name__}, not a Flax param tree "
+                     "({layer: {kernel, bias}}) as written by alexnet_jax.convert")
+  return params
 
 
 def _parse_setting(text: str) -> tuple[str, Any]:
@@ -88,8 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   overrides = dict(args.settings)
   if args.num_classes is not None:
     overrides["num_classes"] = args.num_classes
-  if not os.path.exists(args.src):
-    parser.error(f"{args.src} does not exist")
+  if not os.path.isfile(args.src):
+    parser.error(f"{args.src} does not exist or is not a file")
   try:
     print(convert(args.src, args.dst, args.variant, overrides))
   except ValueError as e:

@@ -84,6 +84,10 @@ def run_or_abort(main: Callable[[], object]) -> object:
     return main()
   try:
     return main()
+  except SystemExit as e:  # main has said why
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(e.code if isinstance(e.code, int) else 1)
   except BaseException as e:  # noqa: B036  (KeyboardInterrupt too: the peers must not hang)
     traceback.print_exc()
     hint = (" in a collective or transfer: most likely another process died first; see its log"

@@ -10,6 +10,8 @@ module can be imported (and numpy state_dicts converted) without it.
 from __future__ import annotations
 
 import collections
+import os
+import warnings
 from typing import Any, Mapping
 
 import jax
@@ -180,9 +182,25 @@ def load_torch_state_dict(path: str) -> dict[str, Any]:
 
   Training checkpoints that wrap the weights under 'state_dict' or 'model' are unwrapped.
   """
+  import pickle  # pylint: disable=import-outside-toplevel
+
   import torch  # pylint: disable=import-outside-toplevel
 
-  obj = torch.load(path, map_location="cpu", weights_only=True)
+  if os.path.getsize(path) == 0:
+    raise ValueError(f"{path} is empty (0 bytes); expected a file written by "
+                     "torch.save(model.state_dict(), path)")
+  try:
+    with warnings.catch_warnings():  # e.g. on the pickle protocol of a file refused anyway
+      warnings.simplefilter("ignore")
+      obj = torch.load(path, map_location="cpu", weights_only=True)
+  except pickle.UnpicklingError as e:  # what weights_only refuses
+    raise ValueError(f"{path} is not a torch.save file of tensors (a raw pickle, or one that "
+                     "holds Python objects), so it was not loaded: unpickling it could run code. "
+                     "Save the weights with torch.save(model.state_dict(), path)") from e
+  except (RuntimeError, EOFError, OSError, ValueError) as e:  # truncated or not a torch file
+    reason = str(e).strip().split(". ")[0].splitlines()[0][:200]
+    raise ValueError(f"{path} cannot be read as a PyTorch file (truncated, or of another "
+                     f"format?): {type(e).__name__}: {reason}") from e
   for key in ("state_dict", "model_state_dict", "model"):
     if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
       obj = obj[key]
