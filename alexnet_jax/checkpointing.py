@@ -16,12 +16,14 @@ from the newest intact one.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 import shutil
 import sys
 import time
-from typing import Any, Mapping
+import zlib
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +37,7 @@ from alexnet_jax.models import AlexNet, init_params
 WHICH = ("latest", "best")
 CORRUPT_DIR = "corrupt"
 ITEMS = ("state", "config")  # what a checkpoint must hold to resume from it
+FILE_LIST = "files.json"  # beside the items: see record_files
 
 
 class CheckpointError(Exception):
@@ -147,7 +150,8 @@ def _describe(manager: ocp.CheckpointManager, step: int | None) -> str:
 
 
 def last_good(manager: ocp.CheckpointManager) -> str:
-  """The newest checkpoint, described for a stop message."""
+  """The newest checkpoint on disk, described for a stop message."""
+  manager.reload()  # after a failed save, Orbax's own list may have dropped steps still on disk
   return _describe(manager, manager.latest_step())
 
 
@@ -159,7 +163,7 @@ def _step_dir(manager: ocp.CheckpointManager, step: int) -> str:
   return os.path.join(str(manager.directory), str(step))
 
 
-def _first_line(error: BaseException) -> str:
+def describe_error(error: BaseException) -> str:
   """The exception's first line (its middle cut when long), led by the OS error that
   TensorStore names only by number, deep in the message or in a cause."""
   text = (str(error).strip().splitlines() or [""])[0]
@@ -173,11 +177,34 @@ def _first_line(error: BaseException) -> str:
   return f"{os.strerror(int(code[1]))} ({text})" if code else text
 
 
+# TensorStore's codes for data that is not there or does not decode, and Orbax's for an item
+# that is not there: only these count as damage. Anything else (out of memory, a file system
+# that is away, no permission) leaves the checkpoint where it is.
+_DAMAGE_CODES = ("NOT_FOUND", "DATA_LOSS", "OUT_OF_RANGE", "FAILED_PRECONDITION",
+                 "INVALID_ARGUMENT", "was not found in the checkpoint")
+_TRANSIENT_CODES = ("RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED", "PERMISSION_DENIED",
+                    "ABORTED")
+
+
+def _is_damage(error: BaseException) -> bool:
+  if isinstance(error, (MemoryError, jax.errors.JaxRuntimeError)):
+    return False
+  chain, cause = str(error), error.__cause__ or error.__context__
+  while cause is not None:
+    chain, cause = chain + str(cause), cause.__cause__ or cause.__context__
+  return (any(c in chain for c in _DAMAGE_CODES)
+          and not any(c in chain for c in _TRANSIENT_CODES))
+
+
 def _restore_item(manager: ocp.CheckpointManager, step: int, name: str, args: Any) -> Any:
   try:
     return manager.restore(step, args=ocp.args.Composite(**{name: args}))[name]
   except Exception as e:  # noqa: BLE001  (TensorStore and Orbax raise many kinds)
-    raise DamagedCheckpoint(manager.directory, step, f"{name}-unreadable", _first_line(e)) from e
+    if _is_damage(e):
+      raise DamagedCheckpoint(manager.directory, step, f"{name}-unreadable",
+                              describe_error(e)) from e
+    raise CheckpointError(f"checkpoint {step} in {manager.directory} could not be read, and "
+                          f"was left in place: {describe_error(e)}") from e
 
 
 def _check_shapes(manager: ocp.CheckpointManager, step: int, template: Any) -> None:
@@ -189,7 +216,7 @@ def _check_shapes(manager: ocp.CheckpointManager, step: int, template: Any) -> N
               jax.tree_util.tree_leaves_with_path(stored.tree if hasattr(stored, "tree") else stored)}
   except Exception as e:  # noqa: BLE001
     raise DamagedCheckpoint(manager.directory, step, "state-metadata-unreadable",
-                            _first_line(e)) from e
+                            describe_error(e)) from e
   if not stored:
     raise DamagedCheckpoint(manager.directory, step, "state-metadata-empty",
                             "the state item lists no arrays")
@@ -203,35 +230,113 @@ def _check_shapes(manager: ocp.CheckpointManager, step: int, template: Any) -> N
         "Use the config it was trained with, or another workdir.")
 
 
-def restore_step(manager: ocp.CheckpointManager, step: int, template: Any) -> Any:
+def _agreed(manager: ocp.CheckpointManager, step: int, stage: Callable[[], Any],
+            only_process_0: bool = False) -> Any:
+  """Runs one stage of a restore; if it finds damage on any process, every process raises.
+
+  Every process must take the same path: Orbax's restore and the checksums are collectives.
+  """
+  damage, result = None, None
+  if not only_process_0 or jax.process_index() == 0:
+    try:
+      result = stage()
+    except DamagedCheckpoint as e:
+      damage = e
+  if not _all_agree(damage is None):
+    raise damage or DamagedCheckpoint(manager.directory, step, "unreadable-elsewhere",
+                                      "another process found it damaged")
+  return result
+
+
+def restore_step(manager: ocp.CheckpointManager, step: int, template: Any,
+                 config: Any | None = None) -> Any:
   """The verified state of checkpoint ``step``, shaped like ``template``.
 
-  Raises DamagedCheckpoint if an item is missing or unreadable or a checksum differs, and
-  CheckpointError if it holds another model.
+  Raises DamagedCheckpoint if a file or item is missing or unreadable or a checksum differs,
+  CheckpointError if it holds another model or cannot be read for another reason, and
+  config_checks.ConfigChanged if ``config`` (when given) would change the run.
   """
   folder = _step_dir(manager, step)
-  missing = [item for item in ITEMS if not os.path.isdir(os.path.join(folder, item))]
-  if missing:
-    raise DamagedCheckpoint(manager.directory, step, f"{missing[0]}-missing",
-                            f"no {', '.join(missing)} item in {folder}")
-  _check_shapes(manager, step, template)
+  _agreed(manager, step, lambda: check_files(manager, step), only_process_0=True)
+  if config is not None:
+    stored = _agreed(manager, step, lambda: stored_config(manager, step))
+    config_checks.check_resume(stored, config, step, verbose=jax.process_index() == 0)
+  _agreed(manager, step, lambda: _check_shapes(manager, step, template))
   expected = None
   if os.path.isdir(os.path.join(folder, "integrity")):
-    expected = _restore_item(manager, step, "integrity", ocp.args.JsonRestore())["checksums"]
+    expected = _agreed(manager, step, lambda: _restore_item(
+        manager, step, "integrity", ocp.args.JsonRestore())["checksums"])
   elif jax.process_index() == 0:
     print(f"warning: checkpoint {step} in {manager.directory} has no checksums (written by an "
           "older version); its data is not verified", file=sys.stderr, flush=True)
   abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)
-  state = _restore_item(manager, step, "state", ocp.args.StandardRestore(abstract))
+  state = _agreed(manager, step, lambda: _restore_item(
+      manager, step, "state", ocp.args.StandardRestore(abstract)))
   if expected is None:
     return state
-  checksums, _ = fingerprint(state)
+  checksums, _ = fingerprint(state)  # the same on every process: no agreement needed
   wrong = sorted(k for k in set(checksums) | set(expected) if checksums.get(k) != expected.get(k))
   if wrong:
     raise DamagedCheckpoint(manager.directory, step, "checksum-mismatch",
                             f"the data of {', '.join(wrong[:4])}{' ...' if len(wrong) > 4 else ''}"
                             " differs from what was saved")
   return state
+
+
+def _files(folder: str) -> list[str]:
+  return sorted(os.path.relpath(os.path.join(root, f), folder)
+                for root, _, names in os.walk(folder) for f in names if f != FILE_LIST)
+
+
+def _crc32(path: str) -> int:
+  crc = 0
+  with open(path, "rb") as f:
+    while chunk := f.read(1 << 24):
+      crc = zlib.crc32(chunk, crc)
+  return crc
+
+
+def record_files(manager: ocp.CheckpointManager, step: int) -> None:
+  """Writes the size and CRC32 of every file of the completed checkpoint ``step`` beside them.
+
+  Lets a restore find a deleted, truncated or rewritten file before TensorStore reads it (whose
+  errors come with tracebacks from its threads); the array checksums remain the final check.
+  """
+  folder = _step_dir(manager, step)
+  if jax.process_index() != 0 or os.path.exists(os.path.join(folder, FILE_LIST)):
+    return
+  listing = {f: [os.path.getsize(os.path.join(folder, f)), _crc32(os.path.join(folder, f))]
+             for f in _files(folder)}
+  tmp = os.path.join(folder, f"{FILE_LIST}.tmp-{os.getpid()}")
+  with open(tmp, "w") as f:
+    json.dump(listing, f)
+  os.replace(tmp, os.path.join(folder, FILE_LIST))
+
+
+def check_files(manager: ocp.CheckpointManager, step: int) -> None:
+  """Raises DamagedCheckpoint if an item is missing or a file differs from ``record_files``'."""
+  folder = _step_dir(manager, step)
+  missing = [item for item in ITEMS if not os.path.isdir(os.path.join(folder, item))]
+  if missing:
+    raise DamagedCheckpoint(manager.directory, step, f"{missing[0]}-missing",
+                            f"no {', '.join(missing)} item in {folder}")
+  try:
+    with open(os.path.join(folder, FILE_LIST)) as f:
+      listing = json.load(f)
+  except FileNotFoundError:  # killed between the save and the listing, or an older version
+    return
+  except (OSError, ValueError) as e:
+    raise DamagedCheckpoint(manager.directory, step, "file-list-unreadable", str(e)) from e
+  for name, (size, crc) in listing.items():
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+      raise DamagedCheckpoint(manager.directory, step, "file-missing", f"{name} is missing")
+    if os.path.getsize(path) != size:
+      raise DamagedCheckpoint(manager.directory, step, "file-size",
+                              f"{name} has {os.path.getsize(path)} bytes, {size} were written")
+    if _crc32(path) != crc:
+      raise DamagedCheckpoint(manager.directory, step, "file-changed",
+                              f"{name} differs from what was written (CRC32)")
 
 
 def stored_config(manager: ocp.CheckpointManager, step: int) -> dict:
@@ -262,25 +367,24 @@ def move_aside(manager: ocp.CheckpointManager, step: int, reason: str) -> str:
 def restore_latest(manager: ocp.CheckpointManager, template: Any, config: Any) -> Any | None:
   """The state of the newest intact checkpoint, or None if there is none.
 
-  Newer damaged checkpoints are moved aside with a warning. The config is compared with the
-  checkpoint's first (``config_checks.check_resume``), which raises if it changed the run.
+  Newer damaged checkpoints are moved aside with a warning; if all are damaged, this raises
+  (after moving them) rather than let the run start afresh unnoticed. The config is compared
+  with each checkpoint's first (``config_checks.check_resume``).
   """
+  moved = []
   for step in sorted(manager.all_steps(), reverse=True):
-    damage = None
     try:
-      config_checks.check_resume(stored_config(manager, step), config, step)
-      state = restore_step(manager, step, template)
-    except DamagedCheckpoint as e:
-      damage = e
-    if _all_agree(damage is None):
-      return state
-    if damage is None:
-      damage = DamagedCheckpoint(manager.directory, step, "unreadable-elsewhere",
-                                 "another process could not read it")
-    target = move_aside(manager, step, damage.reason)
-    if jax.process_index() == 0:
-      print(f"warning: {damage}; moved it to {target} and resuming from the checkpoint before it",
-            file=sys.stderr, flush=True)
+      return restore_step(manager, step, template, config)
+    except DamagedCheckpoint as damage:
+      target = move_aside(manager, step, damage.reason)
+      moved.append(target)
+      if jax.process_index() == 0:
+        print(f"warning: {damage}; moved it to {target} and trying the checkpoint before it",
+              file=sys.stderr, flush=True)
+  if moved:
+    raise CheckpointError(
+        f"no intact checkpoint in {manager.directory}: all were damaged and moved to "
+        f"{os.path.dirname(moved[0])}. Rerun to start afresh in this workdir.")
   return None
 
 
@@ -306,7 +410,7 @@ def _restore_params(path: str) -> Any:
       return ocp.StandardCheckpointer().restore(os.path.join(path, "state"))["params"]
     except Exception as e:  # noqa: BLE001
       raise CheckpointError(f"init_from={path!r}: the checkpoint cannot be read "
-                            f"({_first_line(e)})") from e
+                            f"({describe_error(e)})") from e
   raise FileNotFoundError(f"init_from={path!r} is neither a .pth/.pt/.msgpack file nor an Orbax "
                           "checkpoint (a workdir, its checkpoints folder or one step folder)")
 

@@ -16,21 +16,26 @@ from typing import Any, Mapping
 from alexnet_jax.models import VARIANTS
 
 # Fields a resume may change: how often the run logs, evaluates and saves, where it finds its
-# files, how it is spread over devices (the same step on any count), and what seeds a fresh run.
+# files, how it is spread over devices (the same step body; a checkpoint restores on any
+# device count, though dropout masks follow the count), and what seeds a fresh run.
 RESUME_SAFE = frozenset({
     "log_every_steps", "eval_every_steps", "eval_every_epochs", "checkpoint_every_steps",
     "keep_checkpoints", "async_checkpointing", "tensorboard", "eval_checkpoint", "halt_at_step",
     "prefetch", "eval_batch_size", "parallel", "model_parallel", "data_dir", "manual_dir",
     "init_from", "init_replace_head", "allow_config_change"})
-# A longer run may resume a shorter one; a shorter one changes the schedule it was on.
+# The plateau schedule is driven by the evaluations, so for it these change the run.
+PLATEAU_INPUTS = frozenset({"eval_every_steps", "eval_every_epochs", "eval_batch_size"})
+# A longer run may resume a shorter one (extending it); a shorter one is a change.
 LENGTH_FIELDS = ("num_train_steps", "num_epochs")
+# Schedules whose learning rate at a step depends on the run's length.
+LENGTH_SCHEDULES = ("cosine",)
 
 # field: the smallest valid value; None means "-1 (unset) or at least 1".
 _INTS = {"batch_size": 1, "eval_batch_size": 0, "log_every_steps": 1, "eval_every_steps": 0,
          "checkpoint_every_steps": 0, "keep_checkpoints": 1, "prefetch": 1, "image_size": 1,
          "resize_size": 1, "pad": 0, "model_parallel": 1, "seed": 0, "num_train_steps": None,
          "halt_at_step": None}
-_REALS = {"num_epochs": 0.0, "eval_every_epochs": 0.0}
+_REALS = {"eval_every_epochs": 0.0}
 _BOOLS = ("skip_bad_images", "async_checkpointing", "tensorboard", "init_replace_head",
           "allow_config_change")
 
@@ -63,8 +68,11 @@ def validate(config: Any) -> None:
   for name in _BOOLS:
     if not isinstance(config[name], bool):
       raise ValueError(f"config.{name} must be True or False; got {config[name]!r}")
-  if config.num_train_steps == -1 and config.num_epochs <= 0:
-    raise ValueError("set config.num_epochs or config.num_train_steps to a positive number")
+  epochs = config.num_epochs
+  if config.num_train_steps == -1 and (
+      not isinstance(epochs, numbers.Real) or isinstance(epochs, bool) or epochs <= 0):
+    raise ValueError(f"config.num_epochs must be a positive number when num_train_steps is -1; "
+                     f"got {epochs!r}")
 
 
 def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -94,22 +102,31 @@ def changes(stored: Mapping[str, Any], config: Any) -> list[str]:
   """
   old = _flat(stored)
   new = _flat(json.loads(json.dumps(config.to_dict())))  # tuples as lists, as stored
-  listed = [k for k in new if k in old and old[k] != new[k] and k not in RESUME_SAFE
+  safe = RESUME_SAFE - (PLATEAU_INPUTS if new.get("schedule") == "plateau" else frozenset())
+  listed = [k for k in new if k in old and old[k] != new[k] and k not in safe
             and k not in LENGTH_FIELDS]
   if _shortened(old, new):
     listed += [k for k in LENGTH_FIELDS if k in old and old[k] != new[k]]
   return [f"{k}: {old[k]!r} -> {new[k]!r}" for k in sorted(listed)]
 
 
-def check_resume(stored: Mapping[str, Any], config: Any, step: int) -> None:
-  """Raises ConfigChanged listing what changed, unless ``config.allow_config_change``."""
+def check_resume(stored: Mapping[str, Any], config: Any, step: int, verbose: bool = True
+                 ) -> None:
+  """Raises ConfigChanged listing what changed, unless ``config.allow_config_change``; prints
+  the list (and a note on a stretched schedule) when ``verbose``."""
   listed = changes(stored, config)
+  longer = [k for k in LENGTH_FIELDS if k in stored and stored[k] != config[k]]
+  if verbose and longer and not listed and config.schedule in LENGTH_SCHEDULES:
+    what = ", ".join(f"{k} {stored[k]} -> {config[k]}" for k in longer)
+    print(f"note: the run is extended ({what}): the {config.schedule} schedule is stretched to "
+          f"the new length from step {step} on", file=sys.stderr, flush=True)
   if not listed:
     return
   lines = "\n  ".join(listed)
   if config.allow_config_change:
-    print(f"warning: resuming step {step} with a changed config (allow_config_change=True):\n"
-          f"  {lines}", file=sys.stderr, flush=True)
+    if verbose:
+      print(f"warning: resuming step {step} with a changed config (allow_config_change=True):"
+            f"\n  {lines}", file=sys.stderr, flush=True)
     return
   raise ConfigChanged(
       f"the checkpoint of step {step} was trained with another config; these changes would "

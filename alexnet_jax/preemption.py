@@ -51,12 +51,17 @@ class Watcher:
       signal.signal(signum, handler)
     self._previous.clear()
 
-  def reached(self, step: int) -> bool:
-    """Whether to save ``step`` and stop; every process must call it after every step."""
+  def reached(self, steps_done: int) -> bool:
+    """Whether to save and stop after this run's ``steps_done``-th step (1, 2, ...).
+
+    Every process must call it after every step. JAX's service counts calls from 1 and picks
+    the step after the largest count it hears, so a notice that comes before the first step
+    (while restoring or compiling) still lands on one: hence steps done, not the step number.
+    """
     if not self._service:
       return self.received is not None
     try:
-      if multihost_utils.reached_preemption_sync_point(step):
+      if multihost_utils.reached_preemption_sync_point(steps_done):
         self.received = "preemption notice (SIGTERM)"
         return True
     except RuntimeError:  # jax_enable_preemption_service is off

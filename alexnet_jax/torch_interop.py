@@ -193,11 +193,14 @@ def load_torch_state_dict(path: str) -> dict[str, Any]:
     with warnings.catch_warnings():  # e.g. on the pickle protocol of a file refused anyway
       warnings.simplefilter("ignore")
       obj = torch.load(path, map_location="cpu", weights_only=True)
-  except pickle.UnpicklingError as e:  # what weights_only refuses
+  except pickle.UnpicklingError as e:
+    if "Weights only load failed" not in str(e):  # bytes that are no pickle at all
+      raise ValueError(f"{path} cannot be read as a PyTorch file (truncated, or of another "
+                       f"format?): {str(e).strip().splitlines()[0][:200]}") from e
     raise ValueError(f"{path} is not a torch.save file of tensors (a raw pickle, or one that "
                      "holds Python objects), so it was not loaded: unpickling it could run code. "
                      "Save the weights with torch.save(model.state_dict(), path)") from e
-  except (RuntimeError, EOFError, OSError, ValueError) as e:  # truncated or not a torch file
+  except Exception as e:  # noqa: BLE001  (torch raises many kinds on a file it cannot parse)
     reason = str(e).strip().split(". ")[0].splitlines()[0][:200]
     raise ValueError(f"{path} cannot be read as a PyTorch file (truncated, or of another "
                      f"format?): {type(e).__name__}: {reason}") from e

@@ -446,7 +446,7 @@ def _train(config: Any, workdir: str, state: TrainState, steps: Steps, manager: 
         _finish_save(manager, saving)
         saving = None
       pending.append(metrics)
-      stop = watcher.reached(step)
+      stop = watcher.reached(step - start_step)
       do_eval = step == num_steps or (eval_every and step % eval_every == 0)
       do_ckpt = do_eval or stop or step == halt or (ckpt_every and step % ckpt_every == 0)
       if step % log_every == 0 or do_ckpt:
@@ -471,7 +471,12 @@ def _train(config: Any, workdir: str, state: TrainState, steps: Steps, manager: 
       if do_ckpt:
         if saving is not None:  # the previous save's failure, before this one is started
           _finish_save(manager, saving)
-        checkpointing.save(manager, step, state, train_iter.state(), config, eval_metrics)
+        try:
+          checkpointing.save(manager, step, state, train_iter.state(), config, eval_metrics)
+        except (FloatingPointError, checkpointing.CheckpointError):
+          raise
+        except Exception as e:  # noqa: BLE001  (a synchronous save fails here)
+          raise _save_failed(manager, step, e) from e
         saving = step
         window_start = time.time()  # the throughput figure is of training alone
       if stop:
@@ -488,11 +493,16 @@ def _finish_save(manager: Any, step: int) -> None:
   """Waits for the save of ``step``; its failure stops the run with the reason."""
   try:
     manager.wait_until_finished()
+    checkpointing.record_files(manager, step)
   except Exception as e:  # noqa: BLE001  (whatever the file system raised)
-    raise checkpointing.CheckpointError(
-        f"saving checkpoint {step} failed: {checkpointing._first_line(e)}. The run stopped; "
-        f"the newest complete checkpoint is {checkpointing.last_good(manager)}. Free space or "
-        "fix the file system, then rerun to resume from it.") from e
+    raise _save_failed(manager, step, e) from e
+
+
+def _save_failed(manager: Any, step: int, error: Exception) -> checkpointing.CheckpointError:
+  return checkpointing.CheckpointError(
+      f"saving checkpoint {step} failed: {checkpointing.describe_error(error)}. The run "
+      f"stopped; the newest complete checkpoint is {checkpointing.last_good(manager)}. Free "
+      "space or fix the file system, then rerun to resume from it.")
 
 
 def _summarise(pending: list[dict], step: int, window_start: float, batch_size: int,
