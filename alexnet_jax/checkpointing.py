@@ -6,11 +6,12 @@ data iterator's position, the config and a checksum of every array of the state.
 saved unreplicated, so a checkpoint restores on any number of devices.
 
 Orbax checksums only its shard indexes, not the array data, so a flipped bit in a chunk restores
-silently; ``fingerprint`` fills that gap. It runs on the devices (an integer sum, so the same on
-any device count) and also tells whether the state is finite, which a save requires.
-``restore_latest`` verifies before the state is used, and moves a damaged checkpoint aside to
-``checkpoints/corrupt/STEP-REASON`` (never deletes it) so that the run, and every rerun, goes on
-from the newest intact one.
+silently. Two checks fill that gap: ``record_files`` lists each file's size and CRC32 once a save
+is complete (found before TensorStore reads a damaged file), and ``fingerprint`` checksums every
+array on the devices (an integer sum, so the same on any device count; it also tells whether the
+state is finite, which a save requires). ``restore_latest`` verifies before the state is used,
+and moves a damaged checkpoint aside to ``checkpoints/corrupt/STEP-REASON`` (never deletes it) so
+that the run, and every rerun, goes on from the newest intact one.
 """
 
 from __future__ import annotations

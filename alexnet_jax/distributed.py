@@ -85,9 +85,12 @@ def run_or_abort(main: Callable[[], object]) -> object:
   try:
     return main()
   except SystemExit as e:  # main has said why
+    code = e.code if isinstance(e.code, int) else 1
+    if code:
+      print(f"process {jax.process_index()} of {jax.process_count()} failed", file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(e.code if isinstance(e.code, int) else 1)
+    os._exit(code)
   except BaseException as e:  # noqa: B036  (KeyboardInterrupt too: the peers must not hang)
     traceback.print_exc()
     hint = (" in a collective or transfer: most likely another process died first; see its log"

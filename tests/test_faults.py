@@ -121,7 +121,9 @@ def test_kill_9_during_an_async_save_then_resume_exactly(tmp_path, reference):
   tmp_dirs = lambda: glob.glob(os.path.join(workdir, "checkpoints", "*orbax-checkpoint-tmp*"))
   for attempt in range(3):  # a save can end between seeing it and the kill: then again
     proc = _start(tmp_path, f"killed{attempt}", workdir)  # async saves: the default
-    _wait_for(lambda: tmp_dirs() or proc.poll() is not None, "a save to begin")
+    # A save after the first complete one, so that there is a checkpoint to resume from.
+    _wait_for(lambda: (tmp_dirs() and any(d.isdigit() for d in os.listdir(
+        os.path.join(workdir, "checkpoints")))) or proc.poll() is not None, "a save to begin")
     proc.send_signal(signal.SIGKILL)
     proc.wait(60)
     if tmp_dirs():
@@ -156,6 +158,7 @@ def test_sigterm_saves_the_current_step_and_exits_0(tmp_path, reference):
   out = proc.log.read_text()
   assert code == 0, out[-3000:]
   assert took < 60
+  print(f"SIGTERM, one process: saved and exited in {took:.1f} s")
   line = [ln for ln in out.splitlines() if ln.startswith(f"stopped by {signum.name}")]
   assert len(line) == 1, out[-3000:]
   stopped = int(line[0].split("at step ")[1].split("/")[0])
@@ -185,6 +188,7 @@ def test_sigterm_to_two_processes_saves_the_same_step_on_both(tmp_path):
   took = time.time() - sent
   assert codes == [0, 0], (run.output(0)[-3000:], run.output(1)[-3000:])
   assert took < 60
+  print(f"SIGTERM, two processes: both saved and exited in {took:.1f} s")
   line = [ln for ln in run.output(0).splitlines() if ln.startswith("stopped by preemption")]
   assert len(line) == 1, run.output(0)[-3000:]
   stopped = int(line[0].split("at step ")[1].split("/")[0])
