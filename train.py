@@ -19,9 +19,18 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py"),
-    "Config file (a get_config() module).", lock_config=True)
+try:  # ml_collections applies the --config.FIELD overrides here, when the flag is defined
+  _CONFIG = config_flags.DEFINE_config_file(
+      "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py"),
+      "Config file (a get_config() module).", lock_config=True)
+except (AttributeError, KeyError) as e:  # its words for a field the config does not have
+  _text = e
+  while isinstance(_text, BaseException) and _text.args:  # KeyError in AttributeError
+    _text = _text.args[0]
+  _field, _, _hint = str(_text).partition("\n")  # ml_collections: "'name'\nDid you mean ...?"
+  sys.exit(f"error: the config has no field {_field.strip(chr(39))!r} (set by a "
+           f"--config.FIELD=... override). {_hint + ' ' if _hint else ''}configs/default.py "
+           "lists every field with its default")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.",
                                required=True)
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"],
@@ -43,6 +52,7 @@ _HEARTBEAT = flags.DEFINE_integer(
 
 
 def _without_traceback(record) -> bool:
+  """A log filter: keeps the record, drops its traceback."""
   record.exc_info, record.exc_text = None, None
   return True
 

@@ -235,7 +235,12 @@ def tfds_source(name: str, split: str, *, data_dir: str | None = None,
                 manual_dir: str | None = None, drop_remainder: bool = True,
                 shuffle_buffer: int = 16_384, prepare: bool = True) -> Source:
   """A TFDS image-classification dataset (``image`` and ``label`` features) by name."""
-  builder = tfds.builder(name, data_dir=data_dir)
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError as e:  # its message lists every dataset
+    raise ValueError(f"unknown dataset {name!r}: config.dataset is 'digits', 'synthetic', "
+                     "'folder:/path/to/images' or a TFDS name (tfds.list_builders(), e.g. "
+                     "'imagenet2012', 'cifar10')") from e
   features = builder.info.features
   if "image" not in features or "label" not in features:
     raise ValueError(f"TFDS dataset {name!r} has features {sorted(features)}; an image "

@@ -20,7 +20,7 @@ import pytest
 
 pytest.importorskip("tensorflow", reason="training needs the 'train' extra")
 
-from test_multihost import Processes, _free_port  # noqa: E402
+from test_multihost import Processes  # noqa: E402
 from test_training import _assert_trees_equal, tiny_config  # noqa: E402
 
 from alexnet_jax import checkpointing, config_checks, convert, training  # noqa: E402
@@ -424,11 +424,19 @@ def test_a_batch_larger_than_the_data_names_both(tmp_path):
     training.train_and_evaluate(tiny_config(batch_size=4096), str(tmp_path))
 
 
-def test_train_py_reports_a_bad_value_in_one_line(tmp_path):
-  code, out = _run(tmp_path, "bad", str(tmp_path / "run"), "--config.keep_checkpoints=-1")
-  assert code == 1 and _no_traceback_of_ours(out), out[-3000:]
-  assert [ln for ln in out.splitlines() if ln.startswith("error:")] == [
-      "error: config.keep_checkpoints must be a positive integer; got -1"]
+@pytest.mark.parametrize("flag, message", [
+    ("--config.keep_checkpoints=-1",
+     "error: config.keep_checkpoints must be a positive integer; got -1"),
+    ("--config.keep_checkpoint=3", "error: the config has no field 'keep_checkpoint' (set by a "
+                                   "--config.FIELD=... override)"),
+    ("--config.dataset=imagenet2013", "error: unknown dataset 'imagenet2013': config.dataset is"),
+])
+def test_train_py_reports_a_bad_value_in_one_line(tmp_path, flag, message):
+  code, out = _run(tmp_path, "bad", str(tmp_path / "run"), flag)
+  assert code == 1 and "Traceback" not in out, out[-3000:]
+  errors = [ln for ln in out.splitlines() if ln.startswith("error:")]
+  assert len(errors) == 1 and errors[0].startswith(message), out[-3000:]
+  assert len(out.splitlines()) < 20, out[-3000:]  # no list of every TFDS dataset
 
 
 def _malformed_files(tmp_path):
