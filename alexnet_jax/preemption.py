@@ -4,7 +4,8 @@ One process: a signal handler sets a flag that the training loop reads after eve
 Several processes: they must all save the same step. ``jax.distributed`` starts JAX's preemption
 service, which takes SIGTERM over and agrees with the other processes on a step that none has
 passed (``multihost_utils.reached_preemption_sync_point``, called after every step); SIGINT is
-handed to it as a SIGTERM. A second signal to a single process stops it at once.
+handed to it as a SIGTERM. A second signal to a single process stops it at once; JAX's service
+takes every SIGTERM, so a multi-process run that must stop at once needs SIGKILL.
 """
 
 from __future__ import annotations

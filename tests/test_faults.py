@@ -194,9 +194,15 @@ def test_sigterm_to_two_processes_saves_the_same_step_on_both(tmp_path):
   stopped = int(line[0].split("at step ")[1].split("/")[0])
   assert os.path.isdir(os.path.join(workdir, "checkpoints", str(stopped)))
   assert stopped < LONG, stopped
+  # Damage the preempted checkpoint too: both processes must agree to go back to the one before.
+  _flip_one_bit(_largest_data_file(os.path.join(workdir, "checkpoints", str(stopped))))
+  before = max(s for s in range(EVERY, stopped, EVERY))
   resumed = _two_processes(tmp_path, "resumed", workdir, steps)
   resumed.check()
-  assert f"at step {stopped}" in resumed.output(0)
+  assert f"checkpoint {stopped} in" in resumed.output(0) and "file-changed" in resumed.output(0)
+  assert f"at step {before}" in resumed.output(0)
+  assert os.listdir(os.path.join(workdir, "checkpoints", checkpointing.CORRUPT_DIR)) == [
+      f"{stopped}-file-changed"]
   _assert_trees_equal(_final(workdir, LONG), _final(str(tmp_path / "straight"), LONG))
 
 
