@@ -5,8 +5,8 @@ defaults: ``ops.compiler_options``, no XLA_FLAGS) and the jitted forward (eval m
 runs the conv stack a few images at a time: ``AlexNet.cpu_eval_chunk``) against the
 same model and optimizer in PyTorch eager and ``torch.compile``, in one process, on the same batch,
 fp32. They are timed in alternating rounds after a warm-up, so that a background load or thermal
-drift hits all alike; the figure is the median round. Not all noise does hit alike (README,
-"Performance"), so each round's figure is reported too. It also reports compile times, XLA's memory
+drift hits all alike; the figure is the median round. Not all noise does hit alike
+(docs/performance.md), so each round's figure is reported too. It also reports compile times, XLA's memory
 and FLOP counts (model FLOPs: those of direct convolutions, whatever algorithm runs), and the
 machine's measured matmul rate.
 
@@ -182,7 +182,7 @@ def bench_train(variant: str, batch: int, rounds: int = 5, iters: int = 3, warmu
                                    - memory.alias_size_in_bytes) / 2**20,
       "peak_rss_mb": _peak_rss_mb(), "torch_threads": torch.get_num_threads(),
       "jax_backend": jax.default_backend(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
-      # A shared VM's noise shows as spread between rounds (see README, "Performance").
+      # A shared VM's noise shows as spread between rounds (docs/performance.md).
       "rounds_train_ips": train_rounds, "rounds_fwd_ips": fwd_rounds,
       "compiler_options": ops.compiler_options(), "cpu_winograd": winograd,
       "cpu_eval_chunk": model.eval_chunk(x.shape),
