@@ -6,8 +6,8 @@ runs the conv stack a few images at a time: ``AlexNet.cpu_eval_chunk``) against 
 same model and optimizer in PyTorch eager and ``torch.compile``, in one process, on the same batch,
 fp32. They are timed in alternating rounds after a warm-up, so that a background load or thermal
 drift hits all alike; the figure is the median round. Not all noise does hit alike
-(docs/performance.md), so each round's figure is reported too. It also reports compile times, XLA's memory
-and FLOP counts (model FLOPs: those of direct convolutions, whatever algorithm runs), and the
+(docs/performance.md), so each round's figure is reported too. It also reports compile times, XLA's
+memory and FLOP counts (model FLOPs: those of direct convolutions, whatever algorithm runs), and the
 machine's measured matmul rate.
 
 ``data`` writes JPEGs of ImageNet's typical size (500x375) to a temporary folder and measures the

@@ -213,8 +213,8 @@ def _check_shapes(manager: ocp.CheckpointManager, step: int, template: Any) -> N
   try:
     with ocp.StandardCheckpointer() as checkpointer:
       stored = checkpointer.metadata(os.path.join(_step_dir(manager, step), "state")).item_metadata
-    stored = {_path_name(p): tuple(m.shape) for p, m in
-              jax.tree_util.tree_leaves_with_path(stored.tree if hasattr(stored, "tree") else stored)}
+    stored = stored.tree if hasattr(stored, "tree") else stored
+    stored = {_path_name(p): tuple(m.shape) for p, m in jax.tree_util.tree_leaves_with_path(stored)}
   except Exception as e:  # noqa: BLE001
     raise DamagedCheckpoint(manager.directory, step, "state-metadata-unreadable",
                             describe_error(e)) from e

@@ -114,7 +114,7 @@ class AlexNet(nn.Module):
   input_size: int = 224
   hidden_width: int = 4096
   dropout_rate: float = 0.5
-  # torchvision puts dropout before fc1 and fc2; seed 003 puts it after fc1 and fc2.
+  # torchvision puts dropout before fc1 and fc2; alexnet_small's write-up after them.
   dropout_placement: str = "before_hidden"
   weight_init: str = "torch"
   # On CPU, stride-1 convolutions by Winograd's algorithm where it is faster (ops.WINOGRAD_TILES);
@@ -227,7 +227,8 @@ class AlexNet(nn.Module):
     if self.weight_init == "paper":
       bias = nn.initializers.ones if name in _PAPER_BIAS_ONE else nn.initializers.zeros
       return nn.initializers.normal(0.01), bias
-    # kaiming (seed 001): convs kaiming_normal(fan_out, relu), dense N(0, 0.01^2), biases 0.
+    # kaiming (the half-width write-up): convs kaiming_normal(fan_out, relu), dense N(0, 0.01^2),
+    # biases 0.
     if is_conv:
       return nn.initializers.variance_scaling(2.0, "fan_out", "normal"), nn.initializers.zeros
     return nn.initializers.normal(0.01), nn.initializers.zeros
@@ -295,7 +296,7 @@ class AlexNet(nn.Module):
     return x
 
 
-# The named variants, as data. See VARIANTS.md for where each comes from.
+# The named variants, as data. docs/variants.md says where each comes from.
 VARIANT_SETTINGS: Mapping[str, Mapping[str, Any]] = {
     # torchvision / "One weird trick".
     "alexnet": {},
@@ -314,14 +315,14 @@ VARIANT_SETTINGS: Mapping[str, Mapping[str, Any]] = {
         avgpool_size=None,
         weight_init="paper",
     ),
-    # Seed 001: half-width, fixed 224, kaiming init.
+    # The half-width write-up: fixed 224, kaiming init.
     "alexnet_half": dict(
         conv_features=(48, 128, 192, 192, 128),
         avgpool_size=None,
         hidden_width=2048,
         weight_init="kaiming",
     ),
-    # Seed 003: 28x28 grey images, 10 classes.
+    # The small write-up: 28x28 grey images, 10 classes.
     "alexnet_small": dict(
         num_classes=10,
         in_channels=1,
@@ -356,8 +357,8 @@ def variant_settings(name: str, **overrides: Any) -> dict[str, Any]:
 def create_model(name: str, **overrides: Any) -> AlexNet:
   """Builds variant ``name``; keyword overrides replace any of its settings.
 
-  Example: seed 000's 2048-wide fragment is ``create_model('alexnet', avgpool_size=4,
-  hidden_width=2048)``.
+  Example: the 2048-wide classifier on a 256x4x4 flatten is
+  ``create_model('alexnet', avgpool_size=4, hidden_width=2048)``.
   """
   return AlexNet(**variant_settings(name, **overrides))
 

@@ -20,7 +20,8 @@ import numpy as np
 from alexnet_jax.models import AlexNet, create_model
 
 # How the PyTorch twin of each variant names its layers: 'sequential' is torchvision's
-# features.N / classifier.N, 'named' is seed 003's conv1..conv5 / fc1..fc3 attributes.
+# features.N / classifier.N, 'named' is the conv1..conv5 / fc1..fc3 attributes of alexnet_small's
+# write-up (docs/variants.md).
 TORCH_NAMING: Mapping[str, str] = {"alexnet_small": "named"}
 
 

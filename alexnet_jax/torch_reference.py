@@ -2,8 +2,9 @@
 
 One configurable ``torch.nn.Module`` built from the same settings as the Flax model, so the two
 cannot drift apart. State_dict keys follow ``torch_interop.torch_layer_names``: torchvision's
-``features.N`` / ``classifier.N`` for most variants, seed 003's ``conv1``..``fc3`` for
-``alexnet_small``. Imports torch: keep it out of the jax-only import path.
+``features.N`` / ``classifier.N`` for most variants, ``conv1``..``fc3`` for
+``alexnet_small`` (as its write-up names them; docs/variants.md). Imports torch: keep it out of
+the jax-only import path.
 """
 
 from __future__ import annotations
