@@ -132,11 +132,10 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: Mapp
     return
   checksums, finite = fingerprint(state)
   if not finite:
-    last = manager.latest_step()
     raise FloatingPointError(
         f"the parameters or optimizer state hold NaN or inf at step {step}; not saving it. The "
-        f"last good checkpoint is {_describe(manager, last)}. Lower the learning rate (or "
-        "raise warmup_epochs), or check the data, then rerun to resume from it.")
+        f"last good checkpoint is {last_good(manager)}. Lower the learning rate (or raise "
+        "warmup_epochs), or check the data, then rerun to resume from it.")
   metrics = {"eval_top1": float(eval_metrics["eval_top1"])} if eval_metrics else None
   manager.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state),
@@ -145,15 +144,12 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: Mapp
       integrity=ocp.args.JsonSave({"checksums": checksums})), metrics=metrics, force=True)
 
 
-def _describe(manager: ocp.CheckpointManager, step: int | None) -> str:
-  return "none (no checkpoint was written)" if step is None else (
-      f"step {step} ({os.path.join(manager.directory, str(step))})")
-
-
 def last_good(manager: ocp.CheckpointManager) -> str:
   """The newest checkpoint on disk, described for a stop message."""
   manager.reload()  # after a failed save, Orbax's own list may have dropped steps still on disk
-  return _describe(manager, manager.latest_step())
+  step = manager.latest_step()
+  return "none (no checkpoint was written)" if step is None else (
+      f"step {step} ({_step_dir(manager, step)})")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,6 +160,14 @@ def _step_dir(manager: ocp.CheckpointManager, step: int) -> str:
   return os.path.join(str(manager.directory), str(step))
 
 
+def _chain_text(error: BaseException) -> str:
+  """The messages of ``error`` and of every exception it was raised from."""
+  chain, cause = str(error), error.__cause__ or error.__context__
+  while cause is not None:
+    chain, cause = chain + str(cause), cause.__cause__ or cause.__context__
+  return chain
+
+
 def describe_error(error: BaseException) -> str:
   """The exception's first line (its middle cut when long), led by the OS error that
   TensorStore names only by number, deep in the message or in a cause."""
@@ -171,10 +175,7 @@ def describe_error(error: BaseException) -> str:
   if len(text) > 300:
     text = f"{text[:150]} ... {text[-150:]}"
   text = f"{type(error).__name__}: {text}"
-  chain, cause = str(error), error.__cause__ or error.__context__
-  while cause is not None:
-    chain, cause = chain + str(cause), cause.__cause__ or cause.__context__
-  code = re.search(r"os_error_code='?(\d+)", chain)
+  code = re.search(r"os_error_code='?(\d+)", _chain_text(error))
   return f"{os.strerror(int(code[1]))} ({text})" if code else text
 
 
@@ -190,9 +191,7 @@ _TRANSIENT_CODES = ("RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED", "P
 def _is_damage(error: BaseException) -> bool:
   if isinstance(error, (MemoryError, jax.errors.JaxRuntimeError)):
     return False
-  chain, cause = str(error), error.__cause__ or error.__context__
-  while cause is not None:
-    chain, cause = chain + str(cause), cause.__cause__ or cause.__context__
+  chain = _chain_text(error)
   return (any(c in chain for c in _DAMAGE_CODES)
           and not any(c in chain for c in _TRANSIENT_CODES))
 
@@ -332,9 +331,10 @@ def check_files(manager: ocp.CheckpointManager, step: int) -> None:
     path = os.path.join(folder, name)
     if not os.path.isfile(path):
       raise DamagedCheckpoint(manager.directory, step, "file-missing", f"{name} is missing")
-    if os.path.getsize(path) != size:
+    found = os.path.getsize(path)
+    if found != size:
       raise DamagedCheckpoint(manager.directory, step, "file-size",
-                              f"{name} has {os.path.getsize(path)} bytes, {size} were written")
+                              f"{name} has {found} bytes, {size} were written")
     if _crc32(path) != crc:
       raise DamagedCheckpoint(manager.directory, step, "file-changed",
                               f"{name} differs from what was written (CRC32)")

@@ -9,11 +9,11 @@ with the current one: a change that alters the run's trajectory stops it unless
 from __future__ import annotations
 
 import json
-import numbers
 import sys
 from typing import Any, Mapping
 
 from alexnet_jax.models import VARIANTS
+from alexnet_jax.optim import _is_int, _is_real  # the optimizer fields' own checks
 
 # Fields a resume may change: how often the run logs, evaluates and saves, where it finds its
 # files, how it is spread over devices (the same step body; a checkpoint restores on any
@@ -44,10 +44,6 @@ class ConfigChanged(ValueError):
   """The current config would change the run that a workdir's checkpoint belongs to."""
 
 
-def _is_int(x: Any) -> bool:
-  return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
 def validate(config: Any) -> None:
   """Raises ValueError naming the first field with a value out of range, and what is valid."""
   if config.model not in VARIANTS:
@@ -63,14 +59,13 @@ def validate(config: Any) -> None:
       raise ValueError(f"config.{name} must be {what}; got {value!r}")
   for name, low in _REALS.items():
     value = config[name]
-    if not isinstance(value, numbers.Real) or isinstance(value, bool) or value < low:
+    if not _is_real(value) or value < low:
       raise ValueError(f"config.{name} must be a number >= {low}; got {value!r}")
   for name in _BOOLS:
     if not isinstance(config[name], bool):
       raise ValueError(f"config.{name} must be True or False; got {config[name]!r}")
   epochs = config.num_epochs
-  if config.num_train_steps == -1 and (
-      not isinstance(epochs, numbers.Real) or isinstance(epochs, bool) or epochs <= 0):
+  if config.num_train_steps == -1 and (not _is_real(epochs) or epochs <= 0):
     raise ValueError(f"config.num_epochs must be a positive number when num_train_steps is -1; "
                      f"got {epochs!r}")
 
