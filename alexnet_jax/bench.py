@@ -10,9 +10,10 @@ drift hits all alike; the figure is the median round. Not all noise does hit ali
 memory and FLOP counts (model FLOPs: those of direct convolutions, whatever algorithm runs), and the
 machine's measured matmul rate.
 
-``data`` writes JPEGs of ImageNet's typical size (500x375) to a temporary folder and measures the
-ImageNet-style train pipeline (decode, augmentation preset, batching) in images/s, in total and per
-CPU core available to the process.
+``data`` writes JPEGs of ImageNet's typical size (500x375) to a temporary folder, cut from real
+photos and synthetic, and measures, in alternating rounds, the bare decode of each file (the
+limit) and the host pipeline of every train preset and of the ``center_crop`` and ``ten_crop``
+eval presets, in images/s per CPU core available to the process and as a share of bare decode.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -201,36 +202,122 @@ def write_jpegs(folder: str, count: int, size: tuple[int, int] = (500, 375),
   rng = np.random.default_rng(seed)
   width, height = size
   for i in range(count):
-    d = os.path.join(folder, "train", f"class{i % classes:03d}")
-    os.makedirs(d, exist_ok=True)
     coarse = rng.integers(0, 256, (height // 25, width // 25, 3), np.uint8)
     image = Image.fromarray(coarse).resize(size, Image.BICUBIC)
     fine = np.asarray(image, np.int16) + rng.integers(-12, 12, (height, width, 3))
-    Image.fromarray(np.clip(fine, 0, 255).astype(np.uint8)).save(
-        os.path.join(d, f"{i:05d}.jpg"), quality=90)
+    _save_jpeg(folder, i, classes, Image.fromarray(np.clip(fine, 0, 255).astype(np.uint8)))
 
 
-def bench_data(preset: str, batch: int, steps: int, images: int, warmup: int = 3
-               ) -> dict[str, float]:
-  """Images/s of the train pipeline on JPEGs of ImageNet size written to a temporary folder."""
+def write_photo_jpegs(folder: str, count: int, size: tuple[int, int] = (500, 375),
+                      classes: int = 10, seed: int = 0) -> None:
+  """``count`` JPEGs cut from scikit-learn's two sample photos at random places and scales,
+  resized to ``size`` (every fourth one portrait), as photos in ImageNet are."""
+  from PIL import Image
+  from sklearn.datasets import load_sample_images
+
+  photos = load_sample_images().images
+  rng = np.random.default_rng(seed)
+  width, height = size
+  for i in range(count):
+    photo = photos[i % len(photos)]
+    out = (height, width) if i % 4 == 3 else (width, height)
+    # The largest window of the output's aspect that fits, scaled by 0.5-1, at a random place.
+    fit = min(photo.shape[1] / out[0], photo.shape[0] / out[1]) * rng.uniform(0.5, 1.0)
+    w, h = int(out[0] * fit), int(out[1] * fit)
+    top, left = rng.integers(0, photo.shape[0] - h + 1), rng.integers(0, photo.shape[1] - w + 1)
+    cut = Image.fromarray(photo[top:top + h, left:left + w]).resize(out, Image.BICUBIC)
+    _save_jpeg(folder, i, classes, cut)
+
+
+def _save_jpeg(folder: str, i: int, classes: int, image: Any) -> None:
+  d = os.path.join(folder, "train", f"class{i % classes:03d}")
+  os.makedirs(d, exist_ok=True)
+  image.save(os.path.join(d, f"{i:05d}.jpg"), quality=90)
+
+
+FILE_KINDS = {"photos": write_photo_jpegs, "synthetic": write_jpegs}
+DATA_PIPELINES = ("decode", "train:paper", "train:torchvision", "train:small",
+                  "train:small_noflip", "eval:center_crop", "eval:ten_crop")
+
+
+def _cores() -> int:
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def _data_pipelines(folder: str, batch: int) -> dict[str, Callable[[], Iterator[Any]]]:
+  """Each pipeline of ``bench data`` as a function that starts a fresh iterator over ``folder``."""
+  import tensorflow as tf
+
   from alexnet_jax import input_pipeline as ip
 
-  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-  with tempfile.TemporaryDirectory() as folder:
-    write_jpegs(folder, images)
-    source = ip.folder_source(folder, "train")
-    it = ip.TrainIterator(source, ip.Preprocess(train_preset=preset), batch, seed=0)
-    for _ in range(warmup):
-      next(it)
-    start = time.perf_counter()
-    for _ in range(steps):
-      next(it)
-    ips = batch * steps / (time.perf_counter() - start)
-    del it  # stops tf.data's background reads before the folder goes
-    mean_kb = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(folder)
-                  for f in fs) / images / 1024
-  return {"images_per_sec": ips, "cores": cores, "images_per_sec_per_core": ips / cores,
-          "mean_jpeg_kb": mean_kb}
+  source = ip.folder_source(folder, "train")
+
+  def decode():  # the limit: read and decode each whole file, nothing else
+    ds = tf.data.Dataset.from_tensor_slices(list(source.files)).repeat()
+    ds = ds.map(lambda f: tf.shape(tf.io.decode_jpeg(tf.io.read_file(f), channels=3)),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ip._with_options(ds.batch(batch).prefetch(tf.data.AUTOTUNE)).as_numpy_iterator()
+
+  def train(preset):
+    return lambda: ip.TrainIterator(source, ip.Preprocess(train_preset=preset), batch, seed=0)
+
+  def evaluate(preset):
+    def batches():
+      while True:  # eval reads the folder once: start again at its end
+        yield from ip.eval_batches(source, ip.Preprocess(eval_preset=preset), batch)
+    return batches
+
+  pipelines = {"decode": decode}
+  pipelines.update({f"train:{p}": train(p) for p in ip.TRAIN_PRESETS})
+  pipelines.update({f"eval:{p}": evaluate(p) for p in ip.EVAL_PRESETS if p != "small"})
+  return pipelines
+
+
+def bench_data(batch: int = 32, steps: int = 10, rounds: int = 3, images: int = 256,
+               kinds: Sequence[str] = tuple(FILE_KINDS), warmup: int = 2) -> dict[str, Any]:
+  """Images/s per core of the bare JPEG decode and of every preset's pipeline, on the same
+  ImageNet-size files, in alternating rounds (median kept); each pipeline runs alone: it is
+  started afresh for its turn and stopped after, so no other prefetches beside it."""
+  cores = _cores()
+  result: dict[str, Any] = {"cores": cores, "batch": batch, "files": {}}
+  for kind in kinds:
+    with tempfile.TemporaryDirectory() as folder:
+      FILE_KINDS[kind](folder, images)
+      mean_kb = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(folder)
+                    for f in fs) / images / 1024
+      pipelines = _data_pipelines(folder, batch)
+      per_round = {name: [] for name in pipelines}
+      for _ in range(rounds):
+        for name, start in pipelines.items():
+          it = start()
+          for _ in range(warmup):
+            next(it)
+          begin = time.perf_counter()
+          for _ in range(steps):
+            next(it)
+          per_round[name].append(batch * steps / (time.perf_counter() - begin) / cores)
+          del it  # stops its background reads before the next pipeline's turn
+      decode = statistics.median(per_round.pop("decode"))
+      result["files"][kind] = {
+          "mean_jpeg_kb": mean_kb, "decode_ips_per_core": decode,
+          "presets": {name.split(":")[1]: {"ips_per_core": statistics.median(v),
+                                           "ratio_to_decode": statistics.median(v) / decode,
+                                           "rounds_ips_per_core": v}
+                      for name, v in per_round.items()}}
+  main = result["files"]["photos" if "photos" in kinds else kinds[0]]
+  result.update(decode_ips_per_core=main["decode_ips_per_core"], presets=main["presets"])
+  return result
+
+
+def _print_data(r: dict[str, Any]) -> None:
+  for kind, f in r["files"].items():
+    print(f"{kind} JPEGs, 500x375 (mean {f['mean_jpeg_kb']:.0f} KiB), batch {r['batch']}, "
+          f"{r['cores']} cores; images/s per core (median of the rounds):")
+    print(f"  {'bare decode (the limit)':<24}{f['decode_ips_per_core']:>8.0f}")
+    for name, p in f["presets"].items():
+      stage = "eval" if name in ("center_crop", "ten_crop") else "train"
+      print(f"  {stage + ' ' + name:<24}{p['ips_per_core']:>8.0f}   "
+            f"{100 * p['ratio_to_decode']:>4.0f}% of decode")
 
 
 def _print_train(variant: str, batch: int, r: dict[str, Any]) -> None:
@@ -277,15 +364,17 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--no_winograd", action="store_true",
                  help="time XLA's direct convolutions instead of the CPU default (Winograd)")
   p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
-  d = sub.add_parser("data", help="the ImageNet-style train input pipeline on CPU")
-  d.add_argument("--preset", default="torchvision", choices=("torchvision", "paper"))
-  d.add_argument("--batch", type=int, default=64)
-  d.add_argument("--steps", type=int, default=20, help="timed batches, after 3 warm-up batches")
-  d.add_argument("--images", type=int, default=512, help="JPEGs to write (cycled over epochs)")
+  d = sub.add_parser("data", help="the host input pipeline's presets vs bare JPEG decode")
+  d.add_argument("--files", choices=(*FILE_KINDS, "both"), default="both",
+                 help="JPEGs cut from real photos, synthetic ones, or both")
+  d.add_argument("--batch", type=int, default=32)
+  d.add_argument("--steps", type=int, default=10, help="timed batches per pipeline and round")
+  d.add_argument("--rounds", type=int, default=3, help="alternating timed rounds (median kept)")
+  d.add_argument("--images", type=int, default=256, help="JPEGs to write (cycled over epochs)")
   d.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
   args = parser.parse_args(argv)
   counts = ([args.batch, args.rounds, args.iters] if args.what == "train"
-            else [args.batch, args.steps, args.images])
+            else [args.batch, args.steps, args.rounds, args.images])
   if min(counts) < 1:
     parser.error("sizes and counts must be positive")
 
@@ -296,10 +385,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   else:
     if args.images < args.batch:
       parser.error(f"--images ({args.images}) must be at least --batch ({args.batch})")
-    result = bench_data(args.preset, args.batch, args.steps, args.images)
-    print(f"train pipeline, preset {args.preset}, batch {args.batch}, 500x375 JPEGs "
-          f"(mean {result['mean_jpeg_kb']:.0f} KiB): {result['images_per_sec']:.0f} images/s on "
-          f"{result['cores']} cores = {result['images_per_sec_per_core']:.0f} images/s per core")
+    kinds = tuple(FILE_KINDS) if args.files == "both" else (args.files,)
+    result = bench_data(args.batch, args.steps, args.rounds, args.images, kinds)
+    _print_data(result)
   if args.json:
     with open(args.json, "w") as f:
       json.dump(result, f, indent=2)

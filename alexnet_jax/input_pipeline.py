@@ -1,14 +1,25 @@
 """Input pipelines on tf.data: TFDS datasets, folders of images and the bundled ``digits``.
 
-Batches are numpy dicts ``{"image": float (N, H, W, C), "label": int32 (N,)}`` (eval adds a
-``"mask"``) shaped for the train step (``layout``: ``"pmap"`` puts a leading local-device axis,
-``"jit"`` keeps host-local rows for ``jax.make_array_from_process_local_data``).
+Batches are numpy dicts ``{"image": uint8 (N, H, W, C), "label": int32 (N,)}``; the ``paper``
+train preset adds ``"colour"`` (N, 3), each example's PCA colour shift, and eval adds ``"mask"``.
+``augment.Normalize`` (``Preprocess.normalizer()``) turns them into the model's float input on the
+device, inside the jitted steps. ``layout``: ``"pmap"`` puts a leading local-device axis, ``"jit"``
+keeps host-local rows for ``jax.make_array_from_process_local_data``.
 
-Determinism and resume: the order of an epoch depends only on (seed, epoch, process) and every
-example's augmentation only on (seed, process, epoch, its position in the epoch), drawn with
-stateless random ops. An iterator created with ``start_step=k`` rebuilds epoch ``k //
-steps_per_epoch`` and skips the records before step ``k`` without decoding them, so it yields
-exactly the batches an uninterrupted iterator yields from step ``k``.
+Speed: crop windows are drawn from the image's shape, which a JPEG's header gives, and only the
+window is decoded (``tf.io.decode_and_crop_jpeg``); a preset that resizes and then crops resizes
+only the part it keeps; everything stays uint8 to the end. Other formats are decoded whole.
+
+Data order: the sequence of global batches is a function of the config alone, whatever the number
+of processes and devices. Sources that can be indexed (arrays, folders) are shuffled as a whole
+each epoch, and global batch ``k`` is rows ``k*B .. (k+1)*B`` of that order; each process feeds its
+contiguous share of it. TFDS datasets are read as ``num_shards`` fixed shards, each shuffled on its
+own, and every global batch takes ``B / num_shards`` rows from each shard in shard order; each
+process reads the shards of its share. Every example's augmentation is drawn with stateless random
+ops from (seed, epoch, [shard,] its position), so it does not depend on the topology either.
+
+Resume: ``start_step=k`` rebuilds epoch ``k // steps_per_epoch`` and starts at step ``k``: indexed
+sources jump straight there; TFDS shards skip the records before it, reading but not decoding them.
 
 TensorFlow is imported here only, and is hidden from every GPU so that it leaves accelerator memory
 to JAX.
@@ -33,6 +44,8 @@ tf.config.set_visible_devices([], "GPU")
 
 import tensorflow_datasets as tfds  # noqa: E402  (after hiding the GPUs from TF)
 
+from alexnet_jax import augment  # noqa: E402
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # PCA of ImageNet RGB pixels in [0, 1] (paper, section 4.1); the columns of _EIGVEC are the
@@ -53,67 +66,82 @@ SYNTHETIC_EXAMPLES = {"train": 512, "test": 128}
 
 
 # ----------------------------------------------------------------------------------------------
-# Sources: the examples of one split that belong to this process.
+# Sources: one split's examples, the same on every process.
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+  """A contiguous part of a source: ``make(None)`` in a fixed order, ``make(seed)`` shuffled."""
+  num_examples: int
+  make: Callable[[int | None], tf.data.Dataset]
 
 
 @dataclasses.dataclass
 class Source:
-  """One split's examples for this process.
+  """One split's examples as ``{"image", "label"}``, the same on every process.
 
-  ``make(shuffle_seed)`` returns a ``tf.data.Dataset`` of ``{"image", "label"}`` in a fixed order
-  (``shuffle_seed=None``) or in an order fixed by the seed. ``image`` is encoded bytes
-  (``encoded=True``), a path to such bytes (``read_files=True``) or a uint8 HWC array.
-  ``num_examples`` is this process's count and ``max_num_examples`` the largest count over
-  processes (eval pads every process up to it).
+  ``image`` is encoded bytes (``encoded``), a path to such bytes (``read_files``) or a uint8 HWC
+  array. ``parts(n, drop_remainder)`` cuts the split into ``n`` contiguous ``Part``s (equal ones
+  with ``drop_remainder``). Sources that can be indexed also have ``lookup(index)``, a TensorFlow
+  function from an int64 index tensor to that example.
   """
   name: str
   split: str
   num_examples: int
-  max_num_examples: int
   num_classes: int
   encoded: bool
-  make: Callable[[int | None], tf.data.Dataset]
+  parts: Callable[[int, bool], list[Part]]
+  lookup: Callable[[tf.Tensor], dict[str, tf.Tensor]] | None = None
   read_files: bool = False
-  files: Sequence[str] | None = None  # folder sources: this process's files, in make(None) order
+  files: Sequence[str] | None = None  # folder sources: every file, in index order
   skipped: Sequence[str] = ()  # folder sources: undecodable files left out on request
 
 
-def _process_slice(n: int, drop_remainder: bool) -> tuple[slice, int]:
-  """This process's contiguous part of ``n`` examples, and the largest part over processes."""
-  count, index = jax.process_count(), jax.process_index()
+def even_bounds(total: int, n: int, drop_remainder: bool) -> list[tuple[int, int]]:
+  """``n`` contiguous (start, end) ranges over ``total``: equal ones (dropping the remainder), or
+  sizes that differ by at most one."""
   if drop_remainder:
-    size = n // count
-    return slice(index * size, (index + 1) * size), size
-  base, extra = divmod(n, count)
-  start = index * base + min(index, extra)
-  return slice(start, start + base + (index < extra)), base + (extra > 0)
+    size = total // n
+    return [(i * size, (i + 1) * size) for i in range(n)]
+  base, extra = divmod(total, n)
+  starts = [i * base + min(i, extra) for i in range(n + 1)]
+  return list(zip(starts[:-1], starts[1:]))
 
 
-def _shuffled(ds: tf.data.Dataset, n: int, seed: int | None, buffer: int | None = None
-              ) -> tf.data.Dataset:
-  if seed is None:
-    return ds
-  return ds.shuffle(min(n, buffer or n), seed=seed, reshuffle_each_iteration=False)
+def _indexed_parts(total: int, lookup: Callable[[tf.Tensor], dict[str, tf.Tensor]]
+                   ) -> Callable[[int, bool], list[Part]]:
+  def make(start, end, seed):
+    def example(i):
+      if seed is not None:
+        i = tf.random.experimental.index_shuffle(i, tf.constant([seed, 0], tf.int64),
+                                                 end - start - 1)
+      return lookup(start + i)
+    return tf.data.Dataset.range(end - start).map(example)
+
+  def parts(n, drop_remainder):
+    return [Part(end - start, lambda seed, s=start, e=end: make(s, e, seed))
+            for start, end in even_bounds(total, n, drop_remainder)]
+  return parts
 
 
 def array_source(images: np.ndarray, labels: np.ndarray, *, name: str = "arrays",
-                 split: str = "train", num_classes: int | None = None,
-                 drop_remainder: bool = True) -> Source:
+                 split: str = "train", num_classes: int | None = None) -> Source:
   """A source over in-memory uint8 images (N, H, W, C) and integer labels (N,)."""
   images, labels = np.asarray(images), np.asarray(labels)
   if images.ndim != 4 or images.dtype != np.uint8:
     raise ValueError(f"images must be uint8 (N, H, W, C); got {images.dtype} {images.shape}")
   if labels.shape != images.shape[:1]:
     raise ValueError(f"labels must have shape ({len(images)},); got {labels.shape}")
-  part, largest = _process_slice(len(images), drop_remainder)
-  images, labels = images[part], labels[part].astype(np.int32)
+  labels = labels.astype(np.int32)
+  # Eager tensors, which dataset functions capture by reference: one copy, not one per epoch.
+  image_t, label_t = tf.constant(images), tf.constant(labels)
 
-  def make(seed):
-    ds = tf.data.Dataset.from_tensor_slices({"image": images, "label": labels})
-    return _shuffled(ds, len(images), seed)
+  def lookup(i):
+    return {"image": tf.gather(image_t, i), "label": tf.gather(label_t, i)}
 
   classes = num_classes if num_classes is not None else int(labels.max(initial=-1)) + 1
-  return Source(name, split, len(images), largest, classes, False, make)
+  return Source(name, split, len(images), classes, False, _indexed_parts(len(images), lookup),
+                lookup=lookup)
 
 
 def digits_split(split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -158,13 +186,12 @@ def find_undecodable(paths: Sequence[str], workers: int = 8) -> list[tuple[str, 
   return [(p, r) for p, r in zip(paths, reasons) if r is not None]
 
 
-def folder_source(root: str, split: str, *, drop_remainder: bool = True,
-                  skip_bad_images: bool = False) -> Source:
+def folder_source(root: str, split: str, *, skip_bad_images: bool = False) -> Source:
   """Images in ``root/<split>/<class>/*.{jpg,png,...}``; classes are sorted folder names.
 
-  With ``skip_bad_images`` every file is test-decoded first (one pass over the folder) and the
-  undecodable ones are left out and listed in ``Source.skipped``; otherwise the first bad file
-  stops the pipeline with an error naming it.
+  With ``skip_bad_images`` every file is test-decoded first (one pass over the folder, on every
+  process, so that all agree on the list) and the undecodable ones are left out and listed in
+  ``Source.skipped``; otherwise the first bad file stops the pipeline with an error naming it.
   """
   split_dir = os.path.join(root, split)
   if not os.path.isdir(split_dir):
@@ -183,25 +210,22 @@ def folder_source(root: str, split: str, *, drop_remainder: bool = True,
         labels.append(label)
   if not files:
     raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {split_dir}/<class>/")
-  part, largest = _process_slice(len(files), drop_remainder)
-  files, labels = files[part], labels[part]
   skipped = []
   if skip_bad_images:
     bad = {p for p, _ in find_undecodable(files)}
     skipped = [f for f in files if f in bad]
     kept = [i for i, f in enumerate(files) if f not in bad]
     files, labels = [files[i] for i in kept], [labels[i] for i in kept]
-    largest = len(files)  # processes skip different counts; eval pads to this process's count
 
-  paths, label_arr = np.array(files), np.array(labels, np.int32)
+  path_t, label_t = tf.constant(files), tf.constant(labels, tf.int32)
 
-  def make(seed):
-    ds = tf.data.Dataset.from_tensor_slices({"image": paths, "label": label_arr})
-    return _shuffled(ds, len(paths), seed)
+  def lookup(i):
+    # A path only: files are read when decoded, so nothing is read for what a resume skips.
+    return {"image": tf.gather(path_t, i), "label": tf.gather(label_t, i)}
 
-  # Files are read when decoded, so that skipping to a resume point does not read them.
-  return Source(f"folder:{root}", split, len(files), largest, len(classes), True, make,
-                read_files=True, files=files, skipped=skipped)
+  return Source(f"folder:{root}", split, len(files), len(classes), True,
+                _indexed_parts(len(files), lookup), lookup=lookup, read_files=True, files=files,
+                skipped=skipped)
 
 
 def _count_examples(builder: tfds.core.DatasetBuilder, split: str) -> int:
@@ -232,9 +256,14 @@ def _missing_archives_error(builder: tfds.core.DatasetBuilder, manual_dir: str |
 
 
 def tfds_source(name: str, split: str, *, data_dir: str | None = None,
-                manual_dir: str | None = None, drop_remainder: bool = True,
-                shuffle_buffer: int = 16_384, prepare: bool = True) -> Source:
-  """A TFDS image-classification dataset (``image`` and ``label`` features) by name."""
+                manual_dir: str | None = None, shuffle_buffer: int = 16_384,
+                prepare: bool = True) -> Source:
+  """A TFDS image-classification dataset (``image`` and ``label`` features) by name.
+
+  A part shuffled for training (``make(seed)``) shuffles its files' order and then examples in a
+  buffer of ``shuffle_buffer / n`` for ``n`` parts, so that the memory it takes over all parts
+  (all processes) is one ``shuffle_buffer`` of encoded images.
+  """
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:  # its message lists every dataset
@@ -254,19 +283,26 @@ def tfds_source(name: str, split: str, *, data_dir: str | None = None,
       if error is None:
         raise
       raise error from e
-  splits = tfds.even_splits(split, jax.process_count(), drop_remainder=drop_remainder)
-  mine = splits[jax.process_index()]
-  counts = [_count_examples(builder, s) for s in splits]
 
-  def make(seed):
+  def make(part_split, count, buffer, seed):
     read_config = tfds.ReadConfig(shuffle_seed=seed, try_autocache=False)
-    ds = builder.as_dataset(split=mine, shuffle_files=seed is not None, read_config=read_config,
+    ds = builder.as_dataset(split=part_split, shuffle_files=seed is not None,
+                            read_config=read_config,
                             decoders={"image": tfds.decode.SkipDecoding()})
     ds = ds.map(lambda ex: {"image": ex["image"], "label": tf.cast(ex["label"], tf.int32)})
-    return _shuffled(ds, counts[jax.process_index()], seed, shuffle_buffer)
+    if seed is None:
+      return ds
+    return ds.shuffle(min(count, buffer), seed=seed, reshuffle_each_iteration=False)
 
-  return Source(name, split, counts[jax.process_index()], max(counts),
-                features["label"].num_classes, True, make)
+  def parts(n, drop_remainder):
+    splits = tfds.even_splits(split, n, drop_remainder=drop_remainder)
+    buffer = max(1, shuffle_buffer // n)
+    counts = [_count_examples(builder, s) for s in splits]
+    return [Part(c, lambda seed, s=s, c=c: make(s, c, buffer, seed))
+            for s, c in zip(splits, counts)]
+
+  return Source(name, split, _count_examples(builder, split), features["label"].num_classes,
+                True, parts)
 
 
 def synthetic_split(split: str, image_size: int, channels: int = 3, num_classes: int = 1000
@@ -281,35 +317,27 @@ def synthetic_split(split: str, image_size: int, channels: int = 3, num_classes:
 
 
 def create_source(dataset: str, split: str, *, data_dir: str | None = None,
-                  manual_dir: str | None = None, train: bool = True,
-                  skip_bad_images: bool = False, image_size: int = 224, channels: int = 3
-                  ) -> Source:
-  """``digits``, ``synthetic``, ``folder:/path`` or any TFDS name; train splits drop the uneven
-  remainder. ``image_size`` and ``channels`` only shape ``synthetic``'s images."""
+                  manual_dir: str | None = None, skip_bad_images: bool = False,
+                  image_size: int = 224, channels: int = 3) -> Source:
+  """``digits``, ``synthetic``, ``folder:/path`` or any TFDS name. ``image_size`` and
+  ``channels`` only shape ``synthetic``'s images."""
   if dataset == "synthetic":
     images, labels = synthetic_split(split, image_size, channels)
-    return array_source(images, labels, name="synthetic", split=split, num_classes=1000,
-                        drop_remainder=train)
+    return array_source(images, labels, name="synthetic", split=split, num_classes=1000)
   if dataset == "digits":
     images, labels = digits_split(split)
-    return array_source(images, labels, name="digits", split=split, num_classes=10,
-                        drop_remainder=train)
+    return array_source(images, labels, name="digits", split=split, num_classes=10)
   if dataset.startswith("folder:"):
-    return folder_source(dataset[len("folder:"):], split, drop_remainder=train,
-                         skip_bad_images=skip_bad_images)
-  return tfds_source(dataset, split, data_dir=data_dir, manual_dir=manual_dir,
-                     drop_remainder=train)
+    return folder_source(dataset[len("folder:"):], split, skip_bad_images=skip_bad_images)
+  return tfds_source(dataset, split, data_dir=data_dir, manual_dir=manual_dir)
 
 
 # ----------------------------------------------------------------------------------------------
-# Preprocessing. Images arrive as uint8 HWC; each function returns float32 in the model's layout.
+# Preprocessing on the host: an encoded or uint8 image in, the uint8 model-size view out.
 
 
-def _decode(image: tf.Tensor, channels: int, source: Source) -> tf.Tensor:
-  if source.read_files:
-    image = tf.io.read_file(image)
-  if source.encoded:
-    return tf.io.decode_image(image, channels=channels, expand_animations=False)
+def _as_channels(image: tf.Tensor, channels: int) -> tf.Tensor:
+  """A uint8 array image with ``channels`` channels (grey replicated, or RGB made grey)."""
   have = image.shape[-1]
   if have == channels:
     return image
@@ -318,65 +346,131 @@ def _decode(image: tf.Tensor, channels: int, source: Source) -> tf.Tensor:
   return tf.tile(image, [1, 1, channels])
 
 
-def _resize_shorter(image: tf.Tensor, side: int) -> tf.Tensor:
-  shape = tf.cast(tf.shape(image)[:2], tf.float32)
-  scale = side / tf.reduce_min(shape)
-  new = tf.cast(tf.round(shape * scale), tf.int32)
+_JPEG_MARGIN = 2
+
+
+def _decode_window(image: tf.Tensor, encoded: bool, channels: int,
+                   window_of: Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
+                   ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+  """The window ``window_of(height, width)`` = (top, left, h, w) of an image, that window and the
+  image's (height, width). A JPEG's shape comes from its header and only the window is decoded."""
+  def from_pixels(pixels):
+    shape = tf.shape(pixels)[:2]
+    window = window_of(shape[0], shape[1])
+    return pixels[window[0]:window[0] + window[2], window[1]:window[1] + window[3]], window, shape
+
+  if not encoded:
+    return from_pixels(_as_channels(image, channels))
+
+  def jpeg():
+    shape = tf.io.extract_jpeg_shape(image)[:2]
+    window = window_of(shape[0], shape[1])
+    # Upsampled chroma at a window's edge pixels needs the pixels beyond it: decode a margin
+    # too, so that the window's pixels are those of a whole-image decode.
+    start = tf.maximum(window[:2] - _JPEG_MARGIN, 0)
+    end = tf.minimum(window[:2] + window[2:] + _JPEG_MARGIN, shape)
+    wider = tf.io.decode_and_crop_jpeg(image, tf.concat([start, end - start], 0),
+                                       channels=channels)
+    top, left = tf.unstack(window[:2] - start)
+    return wider[top:top + window[2], left:left + window[3]], window, shape
+
+  def other():
+    return from_pixels(tf.io.decode_image(image, channels=channels, expand_animations=False))
+
+  return tf.cond(tf.io.is_jpeg(image), jpeg, other)
+
+
+def _shorter_side_to(height: tf.Tensor, width: tf.Tensor, side: int) -> tuple[tf.Tensor, ...]:
+  """The (height, width) that resizing the shorter side to ``side`` gives."""
+  shape = tf.cast(tf.stack([height, width]), tf.float32)
+  new = tf.cast(tf.round(shape * (side / tf.reduce_min(shape))), tf.int32)
   new = tf.maximum(new, side)  # rounding must not leave a side just under ``side``
-  return tf.image.resize(image, new, "bilinear", antialias=True)
+  return new[0], new[1]
 
 
-def _center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
-  shape = tf.shape(image)
-  top, left = (shape[0] - size) // 2, (shape[1] - size) // 2
-  return image[top:top + size, left:left + size]
+def _input_span(start: tf.Tensor, size: tf.Tensor, scale: tf.Tensor, limit: tf.Tensor
+                ) -> tuple[tf.Tensor, tf.Tensor]:
+  """The input rows (start, count) that output rows [start, start + size) of a resize by
+  ``scale`` read: their antialiased triangle kernels reach max(1, 1/scale) pixels out."""
+  margin = tf.math.ceil(tf.maximum(1.0, 1.0 / scale)) + 1.0
+  lo = tf.maximum(tf.math.floor(tf.cast(start, tf.float32) / scale) - margin, 0.0)
+  hi = tf.minimum(tf.math.ceil(tf.cast(start + size, tf.float32) / scale) + margin,
+                  tf.cast(limit, tf.float32))
+  return tf.cast(lo, tf.int32), tf.cast(hi - lo, tf.int32)
 
 
-def _random_crop(image: tf.Tensor, size: int, seed: tf.Tensor) -> tf.Tensor:
-  return tf.image.stateless_random_crop(image, (size, size, tf.shape(image)[-1]), seed)
+def _resized_region(image: tf.Tensor, encoded: bool, channels: int,
+                    region_of: Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, ...]]
+                    ) -> tf.Tensor:
+  """Rows and columns [top, top + h) x [left, left + w) of the image resized to (rh, rw) (bilinear,
+  antialiased), where ``region_of(height, width)`` = (rh, rw, top, left, h, w); float32.
+
+  Only the input pixels the region reads are decoded and resized, and the result is the same as
+  resizing the whole image and cropping it (up to float rounding): ``ScaleAndTranslate`` is what
+  ``tf.image.resize`` runs, here with the region's offset as a translation.
+  """
+  def window_of(height, width):
+    rh, rw, top, left, h, w = region_of(height, width)
+    y, ny = _input_span(top, h, tf.cast(rh, tf.float32) / tf.cast(height, tf.float32), height)
+    x, nx = _input_span(left, w, tf.cast(rw, tf.float32) / tf.cast(width, tf.float32), width)
+    return tf.stack([y, x, ny, nx])
+
+  pixels, window, shape = _decode_window(image, encoded, channels, window_of)
+  rh, rw, top, left, h, w = region_of(shape[0], shape[1])
+  scale = tf.cast(tf.stack([rh, rw]), tf.float32) / tf.cast(shape, tf.float32)
+  translation = tf.cast(window[:2], tf.float32) * scale - tf.cast(tf.stack([top, left]),
+                                                                  tf.float32)
+  return tf.raw_ops.ScaleAndTranslate(
+      images=pixels[None], size=tf.stack([h, w]), scale=scale, translation=translation,
+      kernel_type="triangle", antialias=True)[0]
 
 
-def _normalize(image: tf.Tensor, mean: Sequence[float], std: Sequence[float]) -> tf.Tensor:
-  return (image / 255.0 - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
+def _crop_offset(limit_hw: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+  """(top, left) of ``tf.image.stateless_random_crop`` on an HWC image whose (H - h + 1,
+  W - w + 1) is ``limit_hw``: the same draw, so that the same seed gives the same crop."""
+  limit = tf.concat([limit_hw, [1]], axis=0)
+  return (tf.random.stateless_uniform([3], seed, maxval=tf.int32.max, dtype=tf.int32)
+          % limit)[:2]
 
 
-def _pca_noise(image01: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-  alpha = tf.random.stateless_normal((3,), seed, stddev=PCA_NOISE_STD)
-  rgb = tf.linalg.matvec(tf.constant(_EIGVEC), alpha * tf.constant(_EIGVAL))
-  return image01 + rgb
-
-
-def random_resized_crop(image: tf.Tensor, size: int, seed: tf.Tensor,
-                        scale: tuple[float, float] = (0.08, 1.0),
-                        ratio: tuple[float, float] = (3 / 4, 4 / 3), attempts: int = 10
-                        ) -> tf.Tensor:
-  """torchvision's RandomResizedCrop: area ~ U(scale), log-ratio ~ U(log ratio), 10 tries, then a
-  centre crop with the ratio clamped; resized to ``size`` (bilinear, antialiased)."""
+def _rrc_window(height: tf.Tensor, width: tf.Tensor, seed: tf.Tensor,
+                scale: tuple[float, float] = (0.08, 1.0),
+                ratio: tuple[float, float] = (3 / 4, 4 / 3), attempts: int = 10) -> tf.Tensor:
+  """torchvision's RandomResizedCrop window (top, left, h, w): area ~ U(scale), log-ratio ~
+  U(log ratio), 10 tries, then a centre crop with the ratio clamped."""
   seeds = tf.random.experimental.stateless_split(seed, 4)
-  shape = tf.cast(tf.shape(image)[:2], tf.float32)
-  height, width = shape[0], shape[1]
-  area = height * width * tf.random.stateless_uniform((attempts,), seeds[0], *scale)
+  fh, fw = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
+  area = fh * fw * tf.random.stateless_uniform((attempts,), seeds[0], *scale)
   log_r = tf.random.stateless_uniform((attempts,), seeds[1], math.log(ratio[0]),
                                       math.log(ratio[1]))
   aspect = tf.exp(log_r)
   w = tf.round(tf.sqrt(area * aspect))
   h = tf.round(tf.sqrt(area / aspect))
-  ok = (w > 0) & (h > 0) & (w <= width) & (h <= height)
+  ok = (w > 0) & (h > 0) & (w <= fw) & (h <= fh)
   first = tf.argmax(tf.cast(ok, tf.int32))
-  in_ratio = width / height
-  fallback_w = tf.where(in_ratio < ratio[0], width,
-                        tf.where(in_ratio > ratio[1], tf.round(height * ratio[1]), width))
-  fallback_h = tf.where(in_ratio < ratio[0], tf.round(width / ratio[0]), height)
+  in_ratio = fw / fh
+  fallback_w = tf.where(in_ratio < ratio[0], fw,
+                        tf.where(in_ratio > ratio[1], tf.round(fh * ratio[1]), fw))
+  fallback_h = tf.where(in_ratio < ratio[0], tf.round(fw / ratio[0]), fh)
   any_ok = tf.reduce_any(ok)
   ch = tf.cast(tf.where(any_ok, h[first], fallback_h), tf.int32)
   cw = tf.cast(tf.where(any_ok, w[first], fallback_w), tf.int32)
-  ih, iw = tf.shape(image)[0], tf.shape(image)[1]
-  top = tf.where(any_ok, tf.random.stateless_uniform((), seeds[2], 0, ih - ch + 1, tf.int32),
-                 (ih - ch) // 2)
-  left = tf.where(any_ok, tf.random.stateless_uniform((), seeds[3], 0, iw - cw + 1, tf.int32),
-                  (iw - cw) // 2)
-  crop = image[top:top + ch, left:left + cw]
-  return tf.image.resize(crop, (size, size), "bilinear", antialias=True)
+  top = tf.where(any_ok, tf.random.stateless_uniform((), seeds[2], 0, height - ch + 1, tf.int32),
+                 (height - ch) // 2)
+  left = tf.where(any_ok, tf.random.stateless_uniform((), seeds[3], 0, width - cw + 1, tf.int32),
+                  (width - cw) // 2)
+  return tf.stack([top, left, ch, cw])
+
+
+def random_resized_crop(image: tf.Tensor, size: int, seed: tf.Tensor,
+                        scale: tuple[float, float] = (0.08, 1.0),
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tf.Tensor:
+  """torchvision's RandomResizedCrop of an HWC image, resized to ``size`` (bilinear,
+  antialiased); float32."""
+  shape = tf.shape(image)
+  top, left, h, w = tf.unstack(_rrc_window(shape[0], shape[1], seed, scale, ratio))
+  return tf.image.resize(image[top:top + h, left:left + w], (size, size), "bilinear",
+                         antialias=True)
 
 
 def ten_crop(image: tf.Tensor, size: int) -> tf.Tensor:
@@ -388,9 +482,20 @@ def ten_crop(image: tf.Tensor, size: int) -> tf.Tensor:
   return tf.concat([crops, tf.image.flip_left_right(crops)], axis=0)
 
 
+def pca_colour(seed: tf.Tensor) -> tf.Tensor:
+  """The paper's colour noise: an RGB shift (pixels in [0, 1]) along ImageNet's principal
+  components, scaled by their eigenvalues times alpha ~ N(0, 0.1)."""
+  alpha = tf.random.stateless_normal((3,), seed, stddev=PCA_NOISE_STD)
+  return tf.linalg.matvec(tf.constant(_EIGVEC), alpha * tf.constant(_EIGVAL))
+
+
+def _to_uint8(image: tf.Tensor) -> tf.Tensor:
+  return tf.saturate_cast(tf.round(image), tf.uint8)
+
+
 @dataclasses.dataclass(frozen=True)
 class Preprocess:
-  """How to turn a decoded uint8 image into the model's input.
+  """How to turn an image into the model's input.
 
   ``train_preset``: ``paper`` (shorter side to ``resize_size``, centre crop ``resize_size``, random
   ``image_size`` crop, flip, PCA colour noise, mean subtraction), ``torchvision``
@@ -399,7 +504,8 @@ class Preprocess:
   ``eval_preset``: ``center_crop`` (shorter side to ``resize_size``, centre ``image_size`` crop),
   ``ten_crop`` (the 10 views, stacked on axis 1 of the batch) or ``small`` (resize to
   ``image_size`` only). ``mean``/``std`` are per channel for pixels in [0, 1]; the paper preset
-  ignores ``std`` (it only subtracts the mean).
+  ignores ``std`` (it only subtracts the mean). ``train``/``eval`` run on the host and give uint8;
+  ``normalizer()`` is the rest, for the device.
   """
   train_preset: str = "torchvision"
   eval_preset: str = "center_crop"
@@ -409,7 +515,6 @@ class Preprocess:
   pad: int = 4
   mean: tuple[float, ...] = IMAGENET_MEAN
   std: tuple[float, ...] = IMAGENET_STD
-  dtype: Any = tf.float32
 
   def __post_init__(self):
     if self.train_preset not in TRAIN_PRESETS:
@@ -424,48 +529,75 @@ class Preprocess:
     if self.resize_size < self.image_size:
       raise ValueError(f"resize_size ({self.resize_size}) must be >= image_size "
                        f"({self.image_size})")
+    if self.train_preset == "paper" and self.channels != 3:
+      raise ValueError("the paper preset's PCA colour noise needs channels=3")
 
-  def train(self, image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+  def normalizer(self) -> augment.Normalize:
+    std = (1.0,) * self.channels if self.train_preset == "paper" else self.std
+    return augment.Normalize(tuple(self.mean), tuple(std))
+
+  def _whole(self, image: tf.Tensor, encoded: bool) -> tf.Tensor:
+    size = self.image_size
+    return _resized_region(image, encoded, self.channels,
+                           lambda height, width: (size, size, 0, 0, size, size))
+
+  def train(self, image: tf.Tensor, seed: tf.Tensor, encoded: bool) -> dict[str, tf.Tensor]:
+    """One example's view: ``image`` (uint8 HWC) and, for ``paper``, its ``colour`` shift."""
     crop_seed, flip_seed, colour_seed = tf.unstack(
         tf.random.experimental.stateless_split(seed, 3))
-    image = tf.cast(image, tf.float32)
+    size, side = self.image_size, self.resize_size
     if self.train_preset == "paper":
-      image = _center_crop(_resize_shorter(image, self.resize_size), self.resize_size)
-      image = _random_crop(image, self.image_size, crop_seed)
+      def region(height, width):
+        rh, rw = _shorter_side_to(height, width, side)
+        top, left = tf.unstack(_crop_offset(tf.constant([side - size + 1] * 2), crop_seed))
+        return rh, rw, (rh - side) // 2 + top, (rw - side) // 2 + left, size, size
+      view = _to_uint8(_resized_region(image, encoded, self.channels, region))
     elif self.train_preset == "torchvision":
-      image = random_resized_crop(image, self.image_size, crop_seed)
+      pixels, _, _ = _decode_window(image, encoded, self.channels,
+                                    lambda height, width: _rrc_window(height, width, crop_seed))
+      view = _to_uint8(tf.image.resize(pixels, (size, size), "bilinear", antialias=True))
     else:
-      image = tf.image.resize(image, (self.image_size, self.image_size), "bilinear",
-                              antialias=True)
-      image = tf.pad(image, [[self.pad, self.pad], [self.pad, self.pad], [0, 0]])
-      image = _random_crop(image, self.image_size, crop_seed)
+      padded = tf.pad(_to_uint8(self._whole(image, encoded)),
+                      [[self.pad, self.pad], [self.pad, self.pad], [0, 0]])
+      top, left = tf.unstack(_crop_offset(tf.constant([2 * self.pad + 1] * 2), crop_seed))
+      view = padded[top:top + size, left:left + size]
     if self.train_preset != "small_noflip":
-      image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+      view = tf.image.stateless_random_flip_left_right(view, flip_seed)
+    out = {"image": tf.ensure_shape(view, (size, size, self.channels))}
     if self.train_preset == "paper":
-      image = _pca_noise(image / 255.0, colour_seed) * 255.0
-    return self._normalize(tf.ensure_shape(image, (self.image_size, self.image_size,
-                                                   self.channels)))
+      out["colour"] = pca_colour(colour_seed)
+    return out
 
-  def eval(self, image: tf.Tensor) -> tf.Tensor:
-    image = tf.cast(image, tf.float32)
+  def eval(self, image: tf.Tensor, encoded: bool) -> tf.Tensor:
+    """One example's eval view, uint8: (H, W, C), or (10, H, W, C) for ``ten_crop``."""
+    size, side = self.image_size, self.resize_size
     if self.eval_preset == "small":
-      image = tf.image.resize(image, (self.image_size, self.image_size), "bilinear",
-                              antialias=True)
-    else:
-      image = _resize_shorter(image, self.resize_size)
-      if self.train_preset == "paper":  # the paper's crops come from the centre square
-        image = _center_crop(image, self.resize_size)
-      image = (ten_crop if self.eval_preset == "ten_crop" else _center_crop)(image,
-                                                                               self.image_size)
-    return self._normalize(image)
+      return _to_uint8(self._whole(image, encoded))
+    paper = self.train_preset == "paper"  # the paper's crops come from the centre square
 
-  def _normalize(self, image: tf.Tensor) -> tf.Tensor:
-    std = (1.0,) * self.channels if self.train_preset == "paper" else self.std
-    return tf.cast(_normalize(image, self.mean, std), self.dtype)
+    def region(height, width):
+      rh, rw = _shorter_side_to(height, width, side)
+      top, left = ((rh - side) // 2, (rw - side) // 2) if paper else (0, 0)
+      if self.eval_preset == "ten_crop":
+        return (rh, rw, top, left) + ((side, side) if paper else (rh, rw))
+      if paper:
+        return rh, rw, top + (side - size) // 2, left + (side - size) // 2, size, size
+      return rh, rw, (rh - size) // 2, (rw - size) // 2, size, size
+
+    view = _to_uint8(_resized_region(image, encoded, self.channels, region))
+    return ten_crop(view, size) if self.eval_preset == "ten_crop" else view
+
+  def eval_shape(self) -> tuple[int, ...]:
+    return ((10,) if self.eval_preset == "ten_crop" else ()) + (
+        self.image_size, self.image_size, self.channels)
 
 
 # ----------------------------------------------------------------------------------------------
 # Iterators.
+
+DEFAULT_SHARDS = 16
+_POSITIONS = 2**31  # more than the examples of any epoch: (epoch, position) -> one number
+_ENDLESS = 2**62
 
 
 def local_batch_size(global_batch: int) -> int:
@@ -490,9 +622,9 @@ def _check_layout(layout: str) -> None:
     raise ValueError(f"layout must be one of {LAYOUTS}; got {layout!r}")
 
 
-def _example_seeds(seed: int, epoch: int) -> int:
-  """A base seed for (seed, process, epoch); examples add their index within the epoch."""
-  return zlib.crc32(f"{seed}/{jax.process_index()}/{epoch}".encode()) & 0x7FFFFFFF
+def _seed_of(*parts: Any) -> int:
+  """A 31-bit seed from (seed, epoch[, shard]): the same on every process."""
+  return zlib.crc32("/".join(map(str, parts)).encode()) & 0x7FFFFFFF
 
 
 def _with_options(ds: tf.data.Dataset) -> tf.data.Dataset:
@@ -529,43 +661,115 @@ def _numpy_batches(ds: tf.data.Dataset, source: Source) -> Iterator[dict[str, np
     yield batch
 
 
+def _read_image(image: tf.Tensor, source: Source) -> tf.Tensor:
+  return tf.io.read_file(image) if source.read_files else image
+
+
+def _check_shards(num_shards: int, global_batch: int) -> int:
+  processes = jax.process_count()
+  if not isinstance(num_shards, int) or num_shards < 1 or num_shards % processes or (
+      global_batch % num_shards):
+    raise ValueError(
+        f"data_shards={num_shards!r} must be a multiple of the {processes} process(es) and "
+        f"divide the global batch {global_batch}: each process reads whole shards and each "
+        "batch takes as many rows from every shard")
+  return num_shards
+
+
+def steps_per_epoch(source: Source, global_batch: int, num_shards: int = DEFAULT_SHARDS,
+                    shards: Sequence[Part] | None = None) -> int:
+  """Train steps in an epoch; ValueError when the split has less than one batch."""
+  if source.lookup is not None:
+    count, where, need = source.num_examples, "", f"one global batch of {global_batch}"
+  else:
+    shards = shards or source.parts(_check_shards(num_shards, global_batch), True)
+    count = min(p.num_examples for p in shards)
+    where = f" per data shard ({num_shards} shards)"
+    need = f"the {global_batch // num_shards} rows each gives to a batch of {global_batch}"
+    global_batch //= num_shards
+  if count < global_batch:
+    raise ValueError(f"{source.name} {source.split!r} has {count} examples{where}, fewer than "
+                     f"{need}")
+  return count // global_batch
+
+
 class TrainIterator:
-  """Endless, deterministic train batches; ``step`` is the position to store in a checkpoint."""
+  """Endless, deterministic train batches; ``step`` is the position to store in a checkpoint.
+
+  ``num_shards`` only applies to sources that cannot be indexed (TFDS): it must be a multiple of
+  the process count and divide ``global_batch``.
+  """
 
   def __init__(self, source: Source, preprocess: Preprocess, global_batch: int, *,
-               seed: int = 0, start_step: int = 0, layout: str = "jit"):
+               seed: int = 0, start_step: int = 0, layout: str = "jit",
+               num_shards: int = DEFAULT_SHARDS):
     _check_layout(layout)
     self.source, self.preprocess, self.layout, self.seed = source, preprocess, layout, seed
+    self.global_batch = global_batch
     self.batch_size = local_batch_size(global_batch)
-    self.steps_per_epoch = source.num_examples // self.batch_size
-    if self.steps_per_epoch == 0:
-      raise ValueError(f"{source.name} {source.split!r} has {source.num_examples} examples in "
-                       f"this process, fewer than one batch of {self.batch_size}")
     if start_step < 0:
       raise ValueError(f"start_step must be >= 0; got {start_step}")
+    self._shards = None
+    if source.lookup is None:
+      self._shards = source.parts(_check_shards(num_shards, global_batch), True)
+      self._rows = global_batch // num_shards
+    self.steps_per_epoch = steps_per_epoch(source, global_batch, num_shards, self._shards)
     self.step = start_step
     self._batches = self._generate(start_step)
 
-  def epoch_dataset(self, epoch: int, skip_steps: int = 0) -> tf.data.Dataset:
-    """Epoch ``epoch``'s batches from ``skip_steps`` on."""
-    src, pre = self.source, self.preprocess
-    base = _example_seeds(self.seed, epoch)
-    ds = src.make(base).enumerate()
-    ds = ds.skip(skip_steps * self.batch_size)  # before decoding: skipping costs only reads
+  def _indexed(self, start_step: int) -> tf.data.Dataset:
+    """One endless stream from ``start_step``: local element ``j`` is a row of global batch
+    ``j // local_batch``; its epoch's permutation (``index_shuffle``, never materialised) picks
+    the example."""
+    batch, local, steps = self.global_batch, self.batch_size, self.steps_per_epoch
+    first_row, last = jax.process_index() * local, self.source.num_examples - 1
+    base = tf.constant(_seed_of(self.seed), tf.int64)
+    lookup = self.source.lookup
 
-    def process(index, ex):
-      image = _decode(ex["image"], pre.channels, src)
-      seed = tf.stack([tf.constant(base, tf.int64), index])
-      return {"image": pre.train(image, seed), "label": ex["label"]}
+    def locate(j):
+      step, row = j // local, first_row + j % local
+      epoch, position = step // steps, (step % steps) * batch + row
+      index = tf.random.experimental.index_shuffle(position, tf.stack([base, epoch]), last)
+      return lookup(index), tf.stack([base, epoch * _POSITIONS + position])
+
+    return tf.data.Dataset.range(start_step * local, _ENDLESS).map(locate)
+
+  def _sharded(self, epoch: int, skip_steps: int) -> tf.data.Dataset:
+    """Epoch ``epoch`` from step ``skip_steps`` on: this process's shards, ``rows`` examples of
+    each in turn."""
+    rows, steps = self._rows, self.steps_per_epoch
+    per_process = len(self._shards) // jax.process_count()
+    first = jax.process_index() * per_process
+    streams = []
+    for shard in range(first, first + per_process):
+      base = _seed_of(self.seed, epoch, shard)
+      # The skipped records are read (a TFRecord stream has no index) but not decoded.
+      ds = self._shards[shard].make(base).take(steps * rows).skip(skip_steps * rows)
+      seeds = tf.data.Dataset.range(skip_steps * rows, steps * rows).map(
+          lambda i, base=base: tf.stack([tf.constant(base, tf.int64), i]))
+      streams.append(tf.data.Dataset.zip(ds, seeds))
+    choice = tf.data.Dataset.range((steps - skip_steps) * rows * per_process).map(
+        lambda i: (i // rows) % per_process)
+    return tf.data.Dataset.choose_from_datasets(streams, choice)
+
+  def _batched(self, ds: tf.data.Dataset) -> tf.data.Dataset:
+    src, pre = self.source, self.preprocess
+
+    def process(ex, seed):
+      view = pre.train(_read_image(ex["image"], src), seed, src.encoded)
+      return view | {"label": ex["label"]}
 
     ds = ds.map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(self.batch_size, drop_remainder=True)
     return _with_options(ds.prefetch(tf.data.AUTOTUNE))
 
   def _generate(self, start_step: int) -> Iterator[dict[str, np.ndarray]]:
+    if not self._shards:
+      yield from _numpy_batches(self._batched(self._indexed(start_step)), self.source)
+      return
     epoch, skip = divmod(start_step, self.steps_per_epoch)
     while True:
-      yield from _numpy_batches(self.epoch_dataset(epoch, skip), self.source)
+      yield from _numpy_batches(self._batched(self._sharded(epoch, skip)), self.source)
       epoch, skip = epoch + 1, 0
 
   def __iter__(self) -> "TrainIterator":
@@ -585,24 +789,23 @@ def eval_batches(source: Source, preprocess: Preprocess, global_batch: int, *,
                  layout: str = "jit") -> Iterator[dict[str, np.ndarray]]:
   """Every example exactly once, in order; the tail is padded and ``mask`` marks real rows.
 
-  Every process yields the same number of batches (its source padded up to the largest process's
-  count), so that collective eval steps line up.
+  Each process reads a contiguous part, and every process yields the same number of batches (its
+  part padded up to the largest part), so that collective eval steps line up.
   """
   _check_layout(layout)
   batch_size = local_batch_size(global_batch)
-  steps = max(1, math.ceil(source.max_num_examples / batch_size))
-  total = steps * batch_size
+  parts = source.parts(jax.process_count(), False)
+  mine = parts[jax.process_index()]
+  steps = max(1, math.ceil(max(p.num_examples for p in parts) / batch_size))
 
   def process(ex):
-    image = _decode(ex["image"], preprocess.channels, source)
-    return {"image": preprocess.eval(image), "label": ex["label"], "mask": tf.constant(True)}
+    view = preprocess.eval(_read_image(ex["image"], source), source.encoded)
+    return {"image": view, "label": ex["label"], "mask": tf.constant(True)}
 
-  ds = source.make(None).map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  shape = ((10,) if preprocess.eval_preset == "ten_crop" else ()) + (
-      preprocess.image_size, preprocess.image_size, preprocess.channels)
+  ds = mine.make(None).map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   padding = tf.data.Dataset.from_tensors({
-      "image": tf.zeros(shape, preprocess.dtype), "label": tf.constant(0, tf.int32),
-      "mask": tf.constant(False)}).repeat(total - source.num_examples)
+      "image": tf.zeros(preprocess.eval_shape(), tf.uint8), "label": tf.constant(0, tf.int32),
+      "mask": tf.constant(False)}).repeat(steps * batch_size - mine.num_examples)
   ds = _with_options(ds.concatenate(padding).batch(batch_size).prefetch(tf.data.AUTOTUNE))
   for batch in _numpy_batches(ds, source):
     yield _to_layout(batch, layout)

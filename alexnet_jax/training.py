@@ -98,12 +98,17 @@ def step_rng(rng: jax.Array, step: jax.Array, axis_name: str = AXIS) -> jax.Arra
 
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: AlexNet,
                tx: optax.GradientTransformation, label_smoothing: float = 0.0,
+               normalize: Callable[[Mapping[str, jax.Array]], jax.Array] | None = None,
                axis_name: str = AXIS) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One SGD step on this device's part of the batch; gradients are averaged over ``axis_name``."""
+  """One SGD step on this device's part of the batch; gradients are averaged over ``axis_name``.
+
+  ``normalize`` turns the batch into the model's input (``augment.Normalize`` for the input
+  pipeline's uint8 batches); without it ``batch["image"]`` is the input."""
   dropout_rng = step_rng(state.rng, state.step, axis_name)
+  images = normalize(batch) if normalize else batch["image"]
 
   def loss_fn(params):
-    logits = model.apply({"params": params}, batch["image"], train=True,
+    logits = model.apply({"params": params}, images, train=True,
                          rngs={"dropout": dropout_rng})
     return cross_entropy(logits, batch["label"], label_smoothing).mean(), logits
 
@@ -121,12 +126,14 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: Alex
 
 
 def eval_step(params: Any, batch: Mapping[str, jax.Array], *, model: AlexNet,
+              normalize: Callable[[Mapping[str, jax.Array]], jax.Array] | None = None,
               axis_name: str = AXIS) -> dict[str, jax.Array]:
   """Sums of loss and top-1/top-5 hits over the real (masked) rows, summed over devices.
 
   Ten-crop batches (N, 10, H, W, C) are scored on the mean of the 10 softmaxes.
   """
-  images, labels, mask = batch["image"], batch["label"], batch["mask"].astype(jnp.float32)
+  images = normalize(batch) if normalize else batch["image"]
+  labels, mask = batch["label"], batch["mask"].astype(jnp.float32)
   if images.ndim == 5:
     n, views = images.shape[:2]
     logits = model.apply({"params": params}, images.reshape((n * views,) + images.shape[2:]))
@@ -160,7 +167,8 @@ class Steps:
 
 def make_steps(mode: str, model: AlexNet, tx: optax.GradientTransformation, *,
                label_smoothing: float = 0.0, devices: list | None = None,
-               model_parallel: int = 1) -> Steps:
+               model_parallel: int = 1,
+               normalize: Callable[[Mapping[str, jax.Array]], jax.Array] | None = None) -> Steps:
   """``pmap``, ``jit(shard_map)`` or ``hybrid`` over ``devices`` (default: all of all processes).
 
   Each process feeds its own rows: a leading axis of its local devices (pmap), or its slice of
@@ -177,8 +185,9 @@ def make_steps(mode: str, model: AlexNet, tx: optax.GradientTransformation, *,
   if model_parallel < 1 or devices.size % model_parallel:
     raise ValueError(f"model_parallel must be a positive divisor of the {devices.size} devices; "
                      f"got {model_parallel}")
-  train_body = functools.partial(train_step, model=model, tx=tx, label_smoothing=label_smoothing)
-  eval_body = functools.partial(eval_step, model=model)
+  train_body = functools.partial(train_step, model=model, tx=tx, label_smoothing=label_smoothing,
+                                 normalize=normalize)
+  eval_body = functools.partial(eval_step, model=model, normalize=normalize)
   if mode == "hybrid":
     if devices.size // model_parallel < 2:
       # XLA's partitioner rejects the data axis's all-reduce when that axis has one device.
@@ -295,7 +304,7 @@ def create_preprocess(config: Any) -> ip.Preprocess:
 def create_source(config: Any, train: bool) -> ip.Source:
   """The config's train or eval split."""
   return ip.create_source(config.dataset, config.train_split if train else config.eval_split,
-                          train=train, data_dir=config.data_dir or None,
+                          data_dir=config.data_dir or None,
                           manual_dir=config.manual_dir or None,
                           skip_bad_images=config.skip_bad_images, image_size=config.image_size,
                           channels=config.channels)
@@ -356,13 +365,12 @@ def _report_skipped(sources: tuple[ip.Source, ...], workdir: str) -> None:
 
 
 def _check_batch_fits(config: Any, source: ip.Source) -> None:
-  local = ip.local_batch_size(config.batch_size)
-  if source.num_examples < local:
-    per = "" if jax.process_count() == 1 else f" per process ({jax.process_count()} processes)"
+  ip.local_batch_size(config.batch_size)  # divides over the devices
+  if source.num_examples < config.batch_size:
     raise ValueError(
         f"config.batch_size={config.batch_size} is larger than the {source.num_examples} "
-        f"examples{per} of {source.name} split {source.split!r}: use a batch of at most "
-        f"{source.num_examples * jax.process_count()} or a larger split")
+        f"examples of {source.name} split {source.split!r}: use a batch of at most "
+        f"{source.num_examples} or a larger split")
 
 
 def train_and_evaluate(config: Any, workdir: str) -> TrainState:
@@ -378,12 +386,11 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainState:
   _check_batch_fits(config, train_source)
   preprocess = create_preprocess(config)
   model = create_model_from_config(config, train_source.num_classes)
-  local_batch = ip.local_batch_size(config.batch_size)
-  steps_per_epoch = train_source.num_examples // local_batch
+  steps_per_epoch = ip.steps_per_epoch(train_source, config.batch_size, config.data_shards)
   num_steps = _num_train_steps(config, steps_per_epoch)
   tx = optim.create_optimizer(config, steps_per_epoch, num_steps)
   steps = make_steps(config.parallel, model, tx, label_smoothing=config.label_smoothing,
-                     model_parallel=config.model_parallel)
+                     model_parallel=config.model_parallel, normalize=preprocess.normalizer())
 
   manager = checkpointing.create_manager(workdir, config)
   try:
@@ -429,7 +436,8 @@ def _train(config: Any, workdir: str, state: TrainState, steps: Steps, manager: 
   ckpt_every = _every(config.checkpoint_every_steps, 0, steps_per_epoch)
   halt = config.halt_at_step if config.halt_at_step > 0 else num_steps
   train_iter = ip.TrainIterator(train_source, preprocess, config.batch_size, seed=config.seed,
-                                start_step=start_step, layout=steps.layout)
+                                start_step=start_step, layout=steps.layout,
+                                num_shards=config.data_shards)
   batches = ip.prefetch_to_device(train_iter, config.prefetch, steps.put)
   if main_process:
     print(f"{config.model} on {config.dataset}: {num_steps} steps of {config.batch_size} "
@@ -537,7 +545,8 @@ def evaluate_checkpoint(config: Any, workdir: str, which: str | None = None) -> 
   preprocess = create_preprocess(config)
   model = create_model_from_config(config, eval_source.num_classes)
   tx = optim.create_optimizer(config, 1, 10**9)  # the state's layout is all that matters here
-  steps = make_steps(config.parallel, model, tx, model_parallel=config.model_parallel)
+  steps = make_steps(config.parallel, model, tx, model_parallel=config.model_parallel,
+                     normalize=preprocess.normalizer())
   manager = checkpointing.create_manager(workdir, config, training=False)
   try:
     state = checkpointing.restore(

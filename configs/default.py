@@ -44,6 +44,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.mean = (0.5,)  # per channel, pixels in [0, 1]
   c.std = (0.5,)
   c.prefetch = 2  # batches kept in flight to the devices
+  # TFDS datasets are read as this many fixed shards, each global batch taking batch_size /
+  # data_shards rows from every shard, so that the data order is the same on any number of
+  # processes; it must be a multiple of the process count and divide batch_size. Folders and
+  # arrays are shuffled as a whole and ignore it.
+  c.data_shards = 16
 
   # Optimisation (alexnet_jax.optim).
   c.batch_size = 32  # global, over all devices and processes

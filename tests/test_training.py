@@ -122,13 +122,14 @@ def test_eval_counts_every_example_once():
   rng = np.random.default_rng(1)
   images = rng.integers(0, 256, (1001, 28, 28, 1), np.uint8)
   labels = rng.integers(0, 10, 1001)
-  source = ip.array_source(images, labels, split="test", num_classes=10, drop_remainder=False)
+  source = ip.array_source(images, labels, split="test", num_classes=10)
   config = tiny_config()
   model = training.create_model_from_config(config, 10)
   tx = training.optim.create_optimizer(config, 10, 10)
   state = training.create_train_state(config, model, tx)
-  steps = training.make_steps("jit", model, tx)
   pre = training.create_preprocess(config)
+  # uint8 batches, normalised on the device inside the eval step
+  steps = training.make_steps("jit", model, tx, normalize=pre.normalizer())
   metrics = training.evaluate(steps, state.params, source, pre, 64)
   assert metrics["eval_count"] == 1001
   x = (images.astype(np.float32) / 255 - 0.5) / 0.5
