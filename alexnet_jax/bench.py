@@ -3,8 +3,8 @@
 ``train`` times the library's own train step (``training.make_steps``, with the library's
 defaults: ``ops.compiler_options``, no XLA_FLAGS) and the jitted forward (eval mode, which on CPU
 runs the conv stack a few images at a time: ``AlexNet.cpu_eval_chunk``) against the
-same model and optimizer in PyTorch eager and ``torch.compile``, in one process, on the same batch,
-fp32. They are timed in alternating rounds after a warm-up, so that a background load or thermal
+same model and optimizer in PyTorch eager (NCHW and channels_last; the ratios are against the
+faster) and ``torch.compile``, in one process, on the same batch, fp32. They are timed in alternating rounds after a warm-up, so that a background load or thermal
 drift hits all alike; the figure is the median round. Not all noise does hit alike
 (docs/performance.md), so each round's figure is reported too. It also reports compile times, XLA's
 memory and FLOP counts (model FLOPs: those of direct convolutions, whatever algorithm runs), and the
@@ -19,6 +19,7 @@ eval presets, in images/s per CPU core available to the process and as a share o
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -131,35 +132,41 @@ def bench_train(variant: str, batch: int, rounds: int = 5, iters: int = 3, warmu
 
   xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
   yt = torch.from_numpy(y.astype(np.int64))
-  opt = torch.optim.SGD(net.parameters(), lr=config.learning_rate, momentum=config.momentum,
-                        weight_decay=config.weight_decay)
+  # PyTorch's two eager layouts: NCHW, and channels_last (NHWC in memory), often faster on CPU.
+  layouts = {"torch": (net, xt), "torch_channels_last": (
+      copy.deepcopy(net).to(memory_format=torch.channels_last),
+      xt.contiguous(memory_format=torch.channels_last))}
 
-  def torch_step(module):
+  def torch_step(module, inputs):
+    opt = torch.optim.SGD(module.parameters(), lr=config.learning_rate,
+                          momentum=config.momentum, weight_decay=config.weight_decay)
+
     def step():
       module.train()
       opt.zero_grad(set_to_none=True)
-      torch.nn.functional.cross_entropy(module(xt), yt).backward()
+      torch.nn.functional.cross_entropy(module(inputs), yt).backward()
       opt.step()
     return step
 
-  def torch_forward(module):
+  def torch_forward(module, inputs):
     def forward_only():
       module.eval()
       with torch.inference_mode():
-        module(xt)
+        module(inputs)
     return forward_only
 
-  train_fns = {"jax": run_jax_step, "torch": torch_step(net)}
+  train_fns = {"jax": run_jax_step} | {k: torch_step(*v) for k, v in layouts.items()}
   fwd_fns = {"jax": lambda: forward(holder["state"].params, device_batch["image"]
-                                    ).block_until_ready(), "torch": torch_forward(net)}
+                                    ).block_until_ready()}
+  fwd_fns |= {k: torch_forward(*v) for k, v in layouts.items()}
   result: dict[str, Any] = {"compile_s_jax": compile_s}
   if torch_compile:
     try:
       compiled_net = torch.compile(net)
       start = time.perf_counter()
-      torch_step(compiled_net)()
+      torch_step(compiled_net, xt)()
       result["compile_s_torch_compile"] = time.perf_counter() - start
-      train_fns["torch_compile"] = torch_step(compiled_net)
+      train_fns["torch_compile"] = torch_step(compiled_net, xt)
     except Exception as e:  # noqa: BLE001  (no C++ toolchain, unsupported platform, ...)
       result["torch_compile_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
   fwd_rounds = _rounds_ips(fwd_fns, batch, rounds, iters, warmup)
@@ -167,11 +174,16 @@ def bench_train(variant: str, batch: int, rounds: int = 5, iters: int = 3, warmu
   median = lambda per_round: {name: statistics.median(v) for name, v in per_round.items()}
   fwd, train = median(fwd_rounds), median(train_rounds)
   matmul = matmul_gflops()
+  # The anchor is PyTorch's fastest eager layout, for each of train and forward.
+  anchor = lambda ips: max(layouts, key=lambda k: ips[k])
+  train_anchor, fwd_anchor = anchor(train), anchor(fwd)
   result.update({
       "jax_train_ips": train["jax"], "torch_train_ips": train["torch"],
-      "ratio_train": train["jax"] / train["torch"],
+      "torch_channels_last_train_ips": train["torch_channels_last"],
+      "torch_train_anchor": train_anchor, "ratio_train": train["jax"] / train[train_anchor],
       "jax_fwd_ips": fwd["jax"], "torch_fwd_ips": fwd["torch"],
-      "ratio_fwd": fwd["jax"] / fwd["torch"],
+      "torch_channels_last_fwd_ips": fwd["torch_channels_last"],
+      "torch_fwd_anchor": fwd_anchor, "ratio_fwd": fwd["jax"] / fwd[fwd_anchor],
       "train_gflop_per_image": train_flops / batch / 1e9,
       "executed_train_gflop_per_image": executed_flops / batch / 1e9,
       "jax_train_gflops": train_flops / batch * train["jax"] / 1e9,
@@ -327,13 +339,16 @@ def _print_train(variant: str, batch: int, r: dict[str, Any]) -> None:
         f"{'Winograd where faster' if r['cpu_winograd'] else 'direct'}, CPU eval forward "
         f"{'whole' if r['cpu_eval_chunk'] == batch else 'by %d images' % r['cpu_eval_chunk']}")
   compiled = r.get("torch_compile_train_ips")
-  print(f"{'':<22}{'alexnet-jax':>12}{'torch eager':>13}{'ratio':>7}"
+  print(f"{'':<22}{'alexnet-jax':>12}{'torch NCHW':>12}{'torch NHWC':>12}{'ratio':>7}"
         + (f"{'torch.compile':>15}{'ratio':>7}" if compiled else ""))
-  print(f"{'train step, img/s':<22}{r['jax_train_ips']:>12.1f}{r['torch_train_ips']:>13.1f}"
-        f"{r['ratio_train']:>7.2f}"
+  print(f"{'train step, img/s':<22}{r['jax_train_ips']:>12.1f}{r['torch_train_ips']:>12.1f}"
+        f"{r['torch_channels_last_train_ips']:>12.1f}{r['ratio_train']:>7.2f}"
         + (f"{compiled:>15.1f}{r['ratio_train_vs_compile']:>7.2f}" if compiled else ""))
-  print(f"{'forward, img/s':<22}{r['jax_fwd_ips']:>12.1f}{r['torch_fwd_ips']:>13.1f}"
-        f"{r['ratio_fwd']:>7.2f}")
+  print(f"{'forward, img/s':<22}{r['jax_fwd_ips']:>12.1f}{r['torch_fwd_ips']:>12.1f}"
+        f"{r['torch_channels_last_fwd_ips']:>12.1f}{r['ratio_fwd']:>7.2f}")
+  layout = lambda k: "channels_last (NHWC)" if k == "torch_channels_last" else "NCHW"
+  print(f"ratios are against PyTorch eager's faster layout: train {layout(r['torch_train_anchor'])}"
+        f", forward {layout(r['torch_fwd_anchor'])}")
   spread = lambda rounds: ", ".join(f"{name} {min(v):.1f}-{max(v):.1f}"
                                     for name, v in rounds.items())
   print(f"img/s over the rounds: train {spread(r['rounds_train_ips'])}; "

@@ -21,12 +21,16 @@ def test_bench_train_reports_both_frameworks(tmp_path, capsys, monkeypatch):
   for key in ("jax_train_ips", "torch_train_ips", "jax_fwd_ips", "torch_fwd_ips",
               "matmul_gflops", "compile_s_jax", "xla_train_step_memory_mb", "peak_rss_mb"):
     assert result[key] > 0, key
-  assert result["ratio_train"] == pytest.approx(result["jax_train_ips"]
-                                                / result["torch_train_ips"])
-  assert result["ratio_fwd"] == pytest.approx(result["jax_fwd_ips"] / result["torch_fwd_ips"])
+  # The ratios are against PyTorch eager's faster layout, which the result names.
+  for kind in ("train", "fwd"):
+    layouts = {name: result[f"{name}_{kind}_ips"] for name in ("torch", "torch_channels_last")}
+    assert min(layouts.values()) > 0
+    assert result[f"torch_{kind}_anchor"] == max(layouts, key=layouts.get)
+    assert result[f"ratio_{kind}"] == pytest.approx(result[f"jax_{kind}_ips"]
+                                                    / max(layouts.values()))
   # The figures are the medians of the rounds, which are reported too.
   for kind in ("train", "fwd"):
-    for name in ("jax", "torch"):
+    for name in ("jax", "torch", "torch_channels_last"):
       rounds = result[f"rounds_{kind}_ips"][name]
       assert len(rounds) == 2 and min(rounds) > 0
       assert result[f"{name}_{kind}_ips"] == pytest.approx(sum(rounds) / 2)
@@ -38,8 +42,25 @@ def test_bench_train_reports_both_frameworks(tmp_path, capsys, monkeypatch):
   printed = capsys.readouterr().out
   assert "train step, img/s" in printed and "measured fp32 matmul" in printed
   assert "img/s over the rounds: train jax " in printed
+  assert "against PyTorch eager's faster layout" in printed
 
 
 def test_bench_rejects_bad_counts():
   with pytest.raises(SystemExit):
     bench.main(["train", "--batch", "0"])
+
+
+def test_bench_data_reports_every_preset_against_bare_decode(tmp_path, capsys):
+  out = tmp_path / "data.json"
+  assert bench.main(["data", "--files", "photos", "--images", "32", "--batch", "8", "--steps",
+                     "1", "--rounds", "2", "--json", str(out)]) == 0
+  result = json.loads(out.read_text())
+  decode = result["decode_ips_per_core"]
+  assert decode > 0 and result["files"]["photos"]["decode_ips_per_core"] == decode
+  assert set(result["presets"]) == {"paper", "torchvision", "small", "small_noflip",
+                                    "center_crop", "ten_crop"}
+  for name, figures in result["presets"].items():
+    assert len(figures["rounds_ips_per_core"]) == 2 and figures["ips_per_core"] > 0, name
+    assert figures["ratio_to_decode"] == pytest.approx(figures["ips_per_core"] / decode)
+  printed = capsys.readouterr().out
+  assert "bare decode (the limit)" in printed and "% of decode" in printed

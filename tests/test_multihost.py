@@ -126,6 +126,36 @@ def test_train_py_on_two_processes_resumes_on_other_process_and_device_counts(tm
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "6", "8"]
 
 
+def _train_losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return {r["step"]: r["train_loss"] for r in map(json.loads, f) if "train_loss" in r}
+
+
+def test_train_py_data_order_is_the_same_on_any_process_count(tmp_path):
+  from test_faults import _final  # a checkpoint's params, on this process's one device
+
+  common = ["--config.num_train_steps=8", "--config.log_every_steps=1",
+            "--config.eval_every_steps=8"]
+  one = str(tmp_path / "one")  # 1 process x 4 devices, uninterrupted
+  _train_py(tmp_path, "one", one, 1, 4, *common).check()
+  halved = str(tmp_path / "halved")  # 2 processes x 2 devices to step 4, then 1 x 4 to the end
+  _train_py(tmp_path, "halved", halved, 2, 2, *common, "--config.halt_at_step=4").check()
+  resumed = _train_py(tmp_path, "resumed", halved, 1, 4, *common)
+  resumed.check()
+  assert "at step 4" in resumed.output(0)
+  four = str(tmp_path / "four")  # 4 processes x 1 device, 6 steps
+  _train_py(tmp_path, "four", four, 4, 1, *common, "--config.halt_at_step=6").check()
+
+  reference = _train_losses(one)
+  assert sorted(reference) == list(range(1, 9))
+  for name, run, steps in (("2 x 2 then 1 x 4", halved, range(1, 9)),
+                           ("4 x 1", four, range(1, 7))):
+    losses = _train_losses(run)
+    for step in steps:
+      assert losses[step] == pytest.approx(reference[step], rel=1e-5), (name, step)
+  assert _max_rel(_final(halved, 8)["params"], _final(one, 8)["params"]) <= 1e-5
+
+
 LONG_RUN = ["--config.num_train_steps=100000", "--config.eval_every_steps=0"]
 
 
