@@ -351,11 +351,9 @@ def _progress(step: int, total: int, metrics: Mapping[str, float], start: float,
 def _report_skipped(sources: tuple[ip.Source, ...], workdir: str) -> None:
   """Lists the files ``skip_bad_images`` left out, on the console and in the workdir."""
   skipped = [f for source in sources for f in source.skipped]
-  if not skipped:
+  if not skipped or jax.process_index() != 0:  # every process checked, and skips, every file
     return
-  name = ("skipped_images.txt" if jax.process_count() == 1
-          else f"skipped_images.process_{jax.process_index()}.txt")
-  path = os.path.join(workdir, name)
+  path = os.path.join(workdir, "skipped_images.txt")
   with open(path, "w") as f:
     f.write("".join(f"{p}\n" for p in skipped))
   shown = "\n".join(f"  {p}" for p in skipped[:10])

@@ -62,5 +62,10 @@ def test_bench_data_reports_every_preset_against_bare_decode(tmp_path, capsys):
   for name, figures in result["presets"].items():
     assert len(figures["rounds_ips_per_core"]) == 2 and figures["ips_per_core"] > 0, name
     assert figures["ratio_to_decode"] == pytest.approx(figures["ips_per_core"] / decode)
+  # uint8 pixels, int32 labels (and for paper 3 float32 colours; ten_crop sends 10 views)
+  train = result["presets"]["torchvision"]["host_to_device_bytes_per_image"]
+  assert train == 224 * 224 * 3 + 4
+  assert result["presets"]["paper"]["host_to_device_bytes_per_image"] == train + 12
+  assert result["presets"]["ten_crop"]["host_to_device_bytes_per_image"] == 10 * 224 * 224 * 3 + 5
   printed = capsys.readouterr().out
   assert "bare decode (the limit)" in printed and "% of decode" in printed
