@@ -34,8 +34,7 @@ LENGTH_SCHEDULES = ("cosine",)
 _INTS = {"batch_size": 1, "eval_batch_size": 0, "log_every_steps": 1, "eval_every_steps": 0,
          "checkpoint_every_steps": 0, "keep_checkpoints": 1, "prefetch": 1, "image_size": 1,
          "resize_size": 1, "pad": 0, "model_parallel": 1, "data_shards": 1, "seed": 0,
-         "num_train_steps": None,
-         "halt_at_step": None}
+         "num_train_steps": None, "halt_at_step": None}
 _REALS = {"eval_every_epochs": 0.0}
 _BOOLS = ("skip_bad_images", "async_checkpointing", "tensorboard", "init_replace_head",
           "allow_config_change")
