@@ -191,8 +191,12 @@ class AlexNet(nn.Module):
   def check_input_shape(self, shape: Sequence[int]) -> None:
     """Raises ValueError naming what is expected when ``shape`` cannot go through the model."""
     if len(shape) != 4:
+      # A single image is an error rather than a batch of one: an (N, H, W) grey batch without
+      # its channel axis has the same rank and would be taken for one image.
+      fix = (" For one image, add the batch axis: x[None]." if len(shape) == 3
+             and shape[-1] == self.in_channels else "")
       raise ValueError(f"AlexNet expects NHWC input of rank 4 (batch, height, width, channels); "
-                       f"got shape {tuple(shape)} of rank {len(shape)}")
+                       f"got shape {tuple(shape)} of rank {len(shape)}.{fix}")
     _, h, w, c = shape
     if c != self.in_channels:
       raise ValueError(f"AlexNet expects {self.in_channels} input channels (last axis, NHWC); "

@@ -15,9 +15,10 @@ computes the stride-1 convolutions (AlexNet's conv2-conv5) by Winograd's algorit
 
 A max pool's gradient (``select_and_scatter``) is slow on XLA:CPU too; routing the gradient tap by
 tap to each window's first maximum (XLA's and PyTorch's tie rule) is a few strided adds: AlexNet's
-three pool gradients at batch 64 took 36-48 ms, against 424-445 by ``select_and_scatter``. Its
-forward as a maximum of strided slices gains 3-4% over ``reduce_window``.
-Only the CPU lowering changes (``lax.platform_dependent``).
+three pool gradients at batch 64 took 36-48 ms, against 424-445 by ``select_and_scatter``. It is
+the transpose of the pool's tangent rule (a ``custom_jvp``, linear in the tangent), so forward
+mode (``jvp``, ``jacfwd``, ``hessian``) works too. Its forward as a maximum of strided slices gains
+3-4% over ``reduce_window``. Only the CPU lowering changes (``lax.platform_dependent``).
 """
 
 from __future__ import annotations
@@ -92,55 +93,51 @@ def _pool(x, window, stride):
       default=functools.partial(_xla_max_pool, window=window, stride=stride))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
 def _max_pool(x, window, stride):
   return _pool(x, window, stride)
 
 
-def _max_pool_fwd(x, window, stride):
-  y = _pool(x, window, stride)
-  return y, (x, y)
+@_max_pool.defjvp
+def _max_pool_jvp(window, stride, primals, tangents):
+  # Linear in the tangent, so every transform works: forward mode uses it as it is, and reverse
+  # mode transposes it (strided slices become pads) into the few strided adds of the gradient.
+  (x,), (t,) = primals, tangents
+  y = _max_pool(x, window, stride)  # itself, so that a derivative of this rule uses it again
+
+  def native(x, y, t):
+    return jax.jvp(lambda x: _xla_max_pool(x, window, stride), (x,), (t,))[1]
+
+  return y, lax.platform_dependent(
+      x, y, t, cpu=functools.partial(tap_max_pool_jvp, window=window, stride=stride),
+      default=native)
 
 
-def _max_pool_bwd(window, stride, residuals, g):
-  x, y = residuals
-
-  def native(x, y, g):
-    return jax.vjp(lambda x: _xla_max_pool(x, window, stride), x)[1](g)[0]
-
-  return (lax.platform_dependent(
-      x, y, g, cpu=functools.partial(tap_max_pool_grad, window=window, stride=stride),
-      default=native),)
-
-
-_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
-
-
-def tap_max_pool_grad(x: jax.Array, y: jax.Array, g: jax.Array, *, window: int, stride: int
-                      ) -> jax.Array:
-  """Each window's gradient ``g`` goes to its first (row-major) maximum of ``x``."""
-  _, h, w, _ = x.shape
-  _, ho, wo, _ = y.shape
-  span_h, span_w = stride * (ho - 1) + 1, stride * (wo - 1) + 1
-  # Each window's first maximum is found once, by a reduction that XLA leaves unfused. As a chain
-  # of selects (or a "taken" mask) it was fused into every tap's branch of the loop below and
-  # re-derived there, together with the pool output and whatever produced x: about 5% of a step.
-  # The reduction's input is built by selects on an iota, not by jnp.stack: XLA:CPU copies each
-  # operand of a concatenate out, twice over (pool1: 65 of the step's ~700 ms of loops), while
-  # the selects fuse into the reduction (pool1: 11 ms).
+def _first_maximum(x: jax.Array, y: jax.Array, window: int, stride: int
+                   ) -> tuple[list, jax.Array]:
+  """The taps of ``x``'s windows, and which tap (row-major) holds each window's first maximum:
+  XLA's and PyTorch's tie rule."""
+  # Found once, by a reduction that XLA leaves unfused. As a chain of selects (or a "taken"
+  # mask) it was fused into every tap's branch of the gradient and re-derived there, together
+  # with the pool output and whatever produced x: about 5% of a step. The reduction's input is
+  # built by selects on an iota, not by jnp.stack: XLA:CPU copies each operand of a concatenate
+  # out, twice over, while the selects fuse into the reduction.
   taps = list(_taps(x, window, stride))
   shape = (len(taps),) + y.shape
   tap_index = lax.broadcasted_iota(jnp.int32, shape, 0)
   stacked = functools.reduce(
       lambda rest, k: jnp.where(tap_index == k, jnp.broadcast_to(taps[k][2], shape), rest),
       reversed(range(len(taps) - 1)), jnp.broadcast_to(taps[-1][2], shape))
-  first = jnp.min(jnp.where(stacked == y, tap_index, len(taps)), axis=0)
-  zero = jnp.zeros((), g.dtype)
-  return functools.reduce(jnp.add, (
-      lax.pad(jnp.where(first == k, g, zero), zero,
-              [(0, 0, 0), (i, h - i - span_h, stride - 1), (j, w - j - span_w, stride - 1),
-               (0, 0, 0)])
-      for k, (i, j, _) in enumerate(taps)))
+  return taps, jnp.min(jnp.where(stacked == y, tap_index, len(taps)), axis=0)
+
+
+def tap_max_pool_jvp(x: jax.Array, y: jax.Array, t: jax.Array, *, window: int, stride: int
+                     ) -> jax.Array:
+  """Each window's tangent is ``t`` at its first (row-major) maximum of ``x``."""
+  taps, first = _first_maximum(lax.stop_gradient(x), lax.stop_gradient(y), window, stride)
+  zero = jnp.zeros((), t.dtype)
+  return functools.reduce(jnp.add, (jnp.where(first == k, tap, zero)
+                                    for k, (_, _, tap) in enumerate(_taps(t, window, stride))))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -37,8 +37,12 @@ def test_param_count_matches_torch_twin_and_round_trip_is_exact(variant):
 def test_bad_input_errors():
   m = A.create_model("alexnet")
   p = A.init_params(m, jax.random.key(0))
-  with pytest.raises(ValueError, match="rank 4"):
+  # One image is refused, with the fix: (N, H, W) grey batches would look the same.
+  with pytest.raises(ValueError, match=r"rank 4 .* of rank 3\. For one image, add the batch "
+                                       r"axis: x\[None\]"):
     m.apply({"params": p}, np.zeros((224, 224, 3), np.float32))
+  with pytest.raises(ValueError, match=r"of rank 2\.(?!.*x\[None\])"):
+    m.apply({"params": p}, np.zeros((224, 224), np.float32))
   with pytest.raises(ValueError, match="3 input channels"):
     m.apply({"params": p}, np.zeros((1, 3, 224, 224), np.float32))
   with pytest.raises(ValueError, match="at least 63x63"):
