@@ -113,3 +113,30 @@ def test_export_for_cpu_cuda_and_tpu_round_trips():
   grad = jax.jit(jax.grad(lambda p, x: jnp.sum(model.apply({"params": p}, x) ** 2)))
   exported = jax.export.export(grad, platforms=("cpu", "cuda", "tpu"))(params, x)
   _close(jax.export.deserialize(exported.serialize()).call(params, x), grad(params, x))
+
+
+def test_flax_nnx_through_the_linen_bridge():
+  from flax import nnx
+
+  linen = A.create_model("alexnet_small", **NARROW | {"dropout_rate": 0.5})
+  model = nnx.bridge.ToNNX(linen, rngs=nnx.Rngs(params=0, dropout=1))
+  x = jax.random.uniform(jax.random.key(2), (4, 28, 28, 1))
+  nnx.bridge.lazy_init(model, x)
+  # The same numbers as the Linen module with the same params.
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  _close(model(x), linen.apply({"params": params}, x))
+  np.testing.assert_array_equal(model(x), model(x))  # eval: deterministic
+  assert not np.array_equal(model(x, train=True), model(x, train=True))  # dropout from rngs
+
+  labels = jnp.arange(4) % 5
+
+  @nnx.jit
+  def step(model):
+    loss = lambda m: -jnp.mean(jax.nn.log_softmax(m(x))[jnp.arange(4), labels])
+    value, grads = nnx.value_and_grad(loss)(model)
+    params = nnx.state(model, nnx.Param)
+    nnx.update(model, jax.tree_util.tree_map(lambda p, g: p - 0.1 * g, params, grads))
+    return value
+
+  first = step(model)
+  assert step(model) < first
