@@ -3,6 +3,7 @@ gloo collectives, forced CPU devices per process."""
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -101,51 +102,30 @@ def _train_py(tmp_path, name, workdir, processes, devices, *flags):
                    lambda i, port: _train_py_command(workdir, port, i, processes, *flags))
 
 
-def test_train_py_on_two_processes_resumes_on_other_process_and_device_counts(tmp_path):
-  workdir = str(tmp_path / "run")
-  common = ["--config.num_train_steps=8", "--config.eval_every_steps=4"]
-  first = _train_py(tmp_path, "first", workdir, 2, 2, *common, "--config.halt_at_step=4")
-  first.check()
-  second = _train_py(tmp_path, "second", workdir, 2, 1, *common, "--config.halt_at_step=6",
-                     "--config.parallel=pmap")
-  second.check()
-  third = _train_py(tmp_path, "third", workdir, 1, 4, *common, "--config.parallel=hybrid",
-                    "--config.model_parallel=2")
-  third.check()
-
-  assert "jit over 4 device(s)" in first.output(0)
-  assert "at step 4" in second.output(0) and "pmap over 2 device(s)" in second.output(0)
-  assert "at step 6" in third.output(0) and "hybrid over 4 device(s)" in third.output(0)
-  for run in (first, second):  # only process 0 reports
-    assert "step " not in run.output(1) and "eval at" not in run.output(1)
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    records = [json.loads(line) for line in f]
-  assert [r["step"] for r in records] == [2, 4, 4, 6, 8, 8]  # each line written once
-  evals = [r for r in records if "eval_count" in r]
-  assert [r["eval_count"] for r in evals] == [360, 360]  # digits' test split, each image once
-  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "6", "8"]
-
-
 def _train_losses(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return {r["step"]: r["train_loss"] for r in map(json.loads, f) if "train_loss" in r}
 
 
-def test_train_py_data_order_is_the_same_on_any_process_count(tmp_path):
+def test_train_py_data_order_and_resume_on_any_process_count(tmp_path):
   from test_faults import _final  # a checkpoint's params, on this process's one device
 
   common = ["--config.num_train_steps=8", "--config.log_every_steps=1",
-            "--config.eval_every_steps=8"]
+            "--config.eval_every_steps=4"]
   one = str(tmp_path / "one")  # 1 process x 4 devices, uninterrupted
   _train_py(tmp_path, "one", one, 1, 4, *common).check()
-  halved = str(tmp_path / "halved")  # 2 processes x 2 devices to step 4, then 1 x 4 to the end
-  _train_py(tmp_path, "halved", halved, 2, 2, *common, "--config.halt_at_step=4").check()
-  resumed = _train_py(tmp_path, "resumed", halved, 1, 4, *common)
+  halved = str(tmp_path / "halved")  # 2 processes x 2 devices to step 4 ...
+  first = _train_py(tmp_path, "first", halved, 2, 2, *common, "--config.halt_at_step=4")
+  first.check()
+  other_modes = str(tmp_path / "other_modes")
+  shutil.copytree(halved, other_modes)
+  resumed = _train_py(tmp_path, "resumed", halved, 1, 4, *common)  # ... then 1 x 4 to the end
   resumed.check()
-  assert "at step 4" in resumed.output(0)
   four = str(tmp_path / "four")  # 4 processes x 1 device, 6 steps
   _train_py(tmp_path, "four", four, 4, 1, *common, "--config.halt_at_step=6").check()
 
+  # The same batches whatever the topology: the same losses, and the same final params.
+  assert "jit over 4 device(s)" in first.output(0) and "at step 4" in resumed.output(0)
   reference = _train_losses(one)
   assert sorted(reference) == list(range(1, 9))
   for name, run, steps in (("2 x 2 then 1 x 4", halved, range(1, 9)),
@@ -154,6 +134,26 @@ def test_train_py_data_order_is_the_same_on_any_process_count(tmp_path):
     for step in steps:
       assert losses[step] == pytest.approx(reference[step], rel=1e-5), (name, step)
   assert _max_rel(_final(halved, 8)["params"], _final(one, 8)["params"]) <= 1e-5
+
+  # The step-4 checkpoint also resumes in the other parallel modes: pmap on 2 processes x 1
+  # device, then hybrid (data 2 x model 2) on 1 x 4.
+  second = _train_py(tmp_path, "second", other_modes, 2, 1, *common, "--config.halt_at_step=6",
+                     "--config.parallel=pmap")
+  second.check()
+  third = _train_py(tmp_path, "third", other_modes, 1, 4, *common, "--config.parallel=hybrid",
+                    "--config.model_parallel=2")
+  third.check()
+  assert "at step 4" in second.output(0) and "pmap over 2 device(s)" in second.output(0)
+  assert "at step 6" in third.output(0) and "hybrid over 4 device(s)" in third.output(0)
+  for run in (first, second):  # only process 0 reports
+    assert "step " not in run.output(1) and "eval at" not in run.output(1)
+  with open(os.path.join(other_modes, "metrics.jsonl")) as f:
+    steps = [json.loads(line)["step"] for line in f]
+  assert steps == [1, 2, 3, 4, 4, 5, 6, 7, 8, 8]  # each line once (train, then eval at 4 and 8)
+  with open(os.path.join(other_modes, "metrics.jsonl")) as f:
+    evals = [r for r in map(json.loads, f) if "eval_count" in r]
+  assert [r["eval_count"] for r in evals] == [360, 360]  # digits' test split, each image once
+  assert sorted(os.listdir(os.path.join(other_modes, "checkpoints"))) == ["4", "6", "8"]
 
 
 LONG_RUN = ["--config.num_train_steps=100000", "--config.eval_every_steps=0"]
