@@ -113,10 +113,9 @@ def _max_pool_jvp(window, stride, primals, tangents):
       default=native)
 
 
-def _first_maximum(x: jax.Array, y: jax.Array, window: int, stride: int
-                   ) -> tuple[list, jax.Array]:
-  """The taps of ``x``'s windows, and which tap (row-major) holds each window's first maximum:
-  XLA's and PyTorch's tie rule."""
+def _first_maximum(x: jax.Array, y: jax.Array, window: int, stride: int) -> jax.Array:
+  """Which tap (row-major) of each window of ``x`` holds its first maximum ``y``: XLA's and
+  PyTorch's tie rule."""
   # Found once, by a reduction that XLA leaves unfused. As a chain of selects (or a "taken"
   # mask) it was fused into every tap's branch of the gradient and re-derived there, together
   # with the pool output and whatever produced x: about 5% of a step. The reduction's input is
@@ -128,13 +127,13 @@ def _first_maximum(x: jax.Array, y: jax.Array, window: int, stride: int
   stacked = functools.reduce(
       lambda rest, k: jnp.where(tap_index == k, jnp.broadcast_to(taps[k][2], shape), rest),
       reversed(range(len(taps) - 1)), jnp.broadcast_to(taps[-1][2], shape))
-  return taps, jnp.min(jnp.where(stacked == y, tap_index, len(taps)), axis=0)
+  return jnp.min(jnp.where(stacked == y, tap_index, len(taps)), axis=0)
 
 
 def tap_max_pool_jvp(x: jax.Array, y: jax.Array, t: jax.Array, *, window: int, stride: int
                      ) -> jax.Array:
   """Each window's tangent is ``t`` at its first (row-major) maximum of ``x``."""
-  taps, first = _first_maximum(lax.stop_gradient(x), lax.stop_gradient(y), window, stride)
+  first = _first_maximum(lax.stop_gradient(x), lax.stop_gradient(y), window, stride)
   zero = jnp.zeros((), t.dtype)
   return functools.reduce(jnp.add, (jnp.where(first == k, tap, zero)
                                     for k, (_, _, tap) in enumerate(_taps(t, window, stride))))
