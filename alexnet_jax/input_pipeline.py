@@ -30,6 +30,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import functools
 import math
 import os
 import textwrap
@@ -294,6 +295,7 @@ def tfds_source(name: str, split: str, *, data_dir: str | None = None,
       return ds
     return ds.shuffle(min(count, buffer), seed=seed, reshuffle_each_iteration=False)
 
+  @functools.cache  # counting a part without metadata reads it: once per (n, drop_remainder)
   def parts(n, drop_remainder):
     splits = tfds.even_splits(split, n, drop_remainder=drop_remainder)
     buffer = max(1, shuffle_buffer // n)
