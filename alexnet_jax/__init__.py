@@ -15,6 +15,7 @@ from alexnet_jax.models import (
     create_model,
     init_params,
     local_response_norm,
+    param_shapes,
     variant_settings,
 )
 
@@ -31,5 +32,6 @@ __all__ = [
     "create_model",
     "init_params",
     "local_response_norm",
+    "param_shapes",
     "variant_settings",
 ]

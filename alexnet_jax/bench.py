@@ -2,9 +2,10 @@
 
 ``train`` times the library's own train step (``training.make_steps``, with the library's
 defaults: ``ops.compiler_options``, no XLA_FLAGS) and the jitted forward (eval mode, which on CPU
-runs the conv stack a few images at a time: ``AlexNet.cpu_eval_chunk``) against the
+runs the conv stack a few images at a time: ``ops.Implementation.eval_chunk``) against the
 same model and optimizer in PyTorch eager (NCHW and channels_last; the ratios are against the
-faster) and ``torch.compile``, in one process, on the same batch, fp32. They are timed in alternating rounds after a warm-up, so that a background load or thermal
+faster) and ``torch.compile``, in one process, on the same batch, fp32. They are timed in
+alternating rounds after a warm-up, so that a background load or thermal
 drift hits all alike; the figure is the median round. Not all noise does hit alike
 (docs/performance.md), so each round's figure is reported too. It also reports compile times, XLA's
 memory and FLOP counts (model FLOPs: those of direct convolutions, whatever algorithm runs), and the
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import statistics
@@ -80,7 +82,7 @@ def bench_train(variant: str, batch: int, rounds: int = 5, iters: int = 3, warmu
   the optimizer of ``configs/imagenet_torchvision.py`` (SGD, momentum 0.9, weight decay 1e-4);
   PyTorch runs ``torch.optim.SGD`` with the same settings, eager and (where it works)
   ``torch.compile``d. Same batch, fp32, alternating rounds. ``winograd=False`` times XLA's
-  direct convolutions instead of the CPU default (``AlexNet.cpu_winograd``).
+  direct convolutions instead of the CPU default (``ops.Implementation.winograd``).
   """
   import jax
   import torch
@@ -96,8 +98,8 @@ def bench_train(variant: str, batch: int, rounds: int = 5, iters: int = 3, warmu
   config.model = variant
   defaults = training.create_model(variant)  # the variant's own classes and input channels
   config.channels = defaults.in_channels
-  config.model_overrides.cpu_winograd = winograd
   model = training.create_model_from_config(config, defaults.num_classes)
+  model = model.clone(impl=dataclasses.replace(model.impl, winograd=winograd))
   tx = training.optim.create_optimizer(config, 1000, 10**6)
   steps = training.make_steps("jit", model, tx, devices=jax.devices()[:1])
   torch.manual_seed(seed)
@@ -120,7 +122,7 @@ def bench_train(variant: str, batch: int, rounds: int = 5, iters: int = 3, warmu
   forward = forward_of(model)
   # Model FLOPs are those of direct convolutions on the whole batch: Winograd's (on CPU) execute
   # fewer, and XLA counts a loop's body (the CPU eval forward's chunks) once.
-  direct = model.clone(cpu_winograd=False, cpu_eval_chunk=0)
+  direct = model.clone(impl=dataclasses.replace(model.impl, winograd=False, eval_chunk=0))
   train_flops = training.make_steps("jit", direct, tx, devices=jax.devices()[:1]).train.lower(
       state, device_batch).cost_analysis()["flops"]
   fwd_flops = forward_of(direct).lower(state.params, device_batch["image"]).cost_analysis()["flops"]
@@ -198,7 +200,7 @@ def bench_train(variant: str, batch: int, rounds: int = 5, iters: int = 3, warmu
       # A shared VM's noise shows as spread between rounds (docs/performance.md).
       "rounds_train_ips": train_rounds, "rounds_fwd_ips": fwd_rounds,
       "compiler_options": ops.compiler_options(), "cpu_winograd": winograd,
-      "cpu_eval_chunk": model.eval_chunk(x.shape),
+      "cpu_eval_chunk": model.impl.chunk(model, x.shape),
   })
   if "torch_compile" in train:
     result["torch_compile_train_ips"] = train["torch_compile"]

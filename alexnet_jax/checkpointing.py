@@ -1,4 +1,4 @@
-"""Orbax checkpoints of a training run, and starting points from other runs or PyTorch weights.
+"""Orbax checkpoints of a training run.
 
 ``WORKDIR/checkpoints`` holds the last ``config.keep_checkpoints`` checkpoints plus the best one by
 eval top-1. Each holds the train state (params, optimizer state, step, RNG, plateau state), the
@@ -33,7 +33,6 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from alexnet_jax import config_checks
-from alexnet_jax.models import AlexNet, init_params
 
 WHICH = ("latest", "best")
 CORRUPT_DIR = "corrupt"
@@ -397,7 +396,7 @@ def restore(manager: ocp.CheckpointManager, template: Any, which: str = "latest"
   return None if step is None else restore_step(manager, step, template)
 
 
-def _restore_params(path: str) -> Any:
+def restore_params(path: str) -> Any:
   """``params`` of the latest checkpoint in a workdir, its ``checkpoints`` folder or a step."""
   path = os.path.abspath(path)
   for folder in (os.path.join(path, "checkpoints"), path):
@@ -410,57 +409,7 @@ def _restore_params(path: str) -> Any:
     try:
       return ocp.StandardCheckpointer().restore(os.path.join(path, "state"))["params"]
     except Exception as e:  # noqa: BLE001
-      raise CheckpointError(f"init_from={path!r}: the checkpoint cannot be read "
+      raise CheckpointError(f"{path!r}: the checkpoint cannot be read "
                             f"({describe_error(e)})") from e
-  raise FileNotFoundError(f"init_from={path!r} is neither a .pth/.pt/.msgpack file nor an Orbax "
+  raise FileNotFoundError(f"{path!r} is neither a .pth/.pt/.msgpack file nor an Orbax "
                           "checkpoint (a workdir, its checkpoints folder or one step folder)")
-
-
-def _torch_params(path: str, config: Any, model: AlexNet) -> Any:
-  from alexnet_jax import torch_interop
-
-  state_dict = torch_interop.load_torch_state_dict(path)
-  from alexnet_jax.training import model_overrides
-
-  overrides = model_overrides(config)
-  overrides.setdefault("in_channels", model.in_channels)
-  head = torch_interop.torch_layer_names(model, torch_interop.torch_naming(config.model))["fc3"]
-  weight = state_dict.get(f"{head}.weight")
-  if weight is not None:  # the file's own class count, so that only the head can differ
-    overrides["num_classes"] = int(weight.shape[0])
-  return torch_interop.params_from_torch(state_dict, config.model, **overrides)
-
-
-def load_pretrained(path: str, config: Any, model: AlexNet) -> Any:
-  """Params from ``path`` for ``model``; a different classifier head is replaced only when
-  ``config.init_replace_head`` asks for it."""
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"init_from={path!r} does not exist")
-  if path.endswith((".pth", ".pt")):
-    params = _torch_params(path, config, model)
-  elif path.endswith(".msgpack"):
-    from alexnet_jax.convert import load_params
-    params = load_params(path)
-  else:
-    params = _restore_params(path)
-  from alexnet_jax.torch_interop import flax_param_shapes
-
-  params = jax.tree_util.tree_map(np.asarray, params)
-  fresh = flax_param_shapes(model)  # shapes only: nothing is initialised unless the head is
-  shape = lambda t: jax.tree_util.tree_map(np.shape, t)
-  if set(params) != set(fresh):
-    raise ValueError(f"init_from={path!r} has layers {sorted(params)}, the model has "
-                     f"{sorted(fresh)}; is config.model ({config.model}) the variant it was "
-                     "trained as?")
-  wrong = [k for k in fresh if shape(params[k]) != shape(fresh[k])]
-  if wrong and wrong != ["fc3"]:
-    raise ValueError(f"init_from={path!r}: shapes differ from {config.model}'s in "
-                     f"{', '.join(f'{k} {shape(params[k])} vs {shape(fresh[k])}' for k in wrong)}")
-  if wrong:
-    if not config.init_replace_head:
-      raise ValueError(
-          f"init_from={path!r} has a {shape(params['fc3'])['kernel'][1]}-class head, the model "
-          f"{model.num_classes} classes; set config.init_replace_head=True to start the head "
-          "afresh")
-    params["fc3"] = init_params(model, jax.random.PRNGKey(config.seed))["fc3"]
-  return params

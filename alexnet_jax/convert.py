@@ -5,7 +5,8 @@
 
 The direction follows the input's extension (.pth/.pt -> Flax, .msgpack -> PyTorch). Flax params
 are written with ``flax.serialization.msgpack_serialize`` and read back with
-``alexnet_jax.convert.load_params``. ``.pth`` files are read with ``torch.load(weights_only=True)``.
+``alexnet_jax.pretrained.load_params``. ``.pth`` files are read with
+``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -16,38 +17,8 @@ import os
 import sys
 from typing import Any, Sequence
 
-import numpy as np
-from flax import serialization
-
 from alexnet_jax.models import VARIANTS, count_params
-
-TORCH_SUFFIXES = (".pth", ".pt")
-FLAX_SUFFIXES = (".msgpack",)
-
-
-def save_params(path: str, params: Any) -> None:
-  """Writes a Flax param tree to ``path`` (msgpack), atomically: a failure leaves no partial file."""
-  data = serialization.msgpack_serialize(
-      {layer: {k: np.asarray(v) for k, v in sub.items()} for layer, sub in params.items()})
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)
-
-
-def load_params(path: str) -> dict:
-  """Reads a Flax param tree written by ``save_params``; ValueError if it is not one."""
-  with open(path, "rb") as f:
-    data = f.read()
-  try:
-    params = serialization.msgpack_restore(data)
-  except Exception as e:  # noqa: BLE001  (msgpack raises several kinds on bad bytes)
-    raise ValueError(f"{path} cannot be read as Flax msgpack params (truncated or of another "
-                     f"format?): {type(e).__name__} {str(e)[:200]}".rstrip()) from e
-  if not isinstance(params, dict) or not all(isinstance(v, dict) for v in params.values()):
-    raise ValueError(f"{path} holds a {type(params).__name__}, not a Flax param tree "
-                     "({layer: {kernel, bias}}) as written by alexnet_jax.convert")
-  return params
+from alexnet_jax.pretrained import FLAX_SUFFIXES, TORCH_SUFFIXES, load_params, save_params
 
 
 def _parse_setting(text: str) -> tuple[str, Any]:

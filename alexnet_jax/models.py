@@ -8,7 +8,6 @@ Every variant in ``VARIANT_SETTINGS`` is just a set of field values for :class:`
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -17,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from alexnet_jax.ops import conv_general_dilated, max_pool
+from alexnet_jax import ops
 
 Array = jax.Array
 Initializer = Callable[..., Array]
@@ -79,17 +78,14 @@ def adaptive_avg_pool(x: Array, output_size: tuple[int, int]) -> Array:
   return jnp.einsum("nhwc,ih,jw->nijc", x, ph, pw, precision=jax.lax.Precision.HIGHEST)
 
 
-# The default chunk of the CPU eval forward, in bytes of conv1's output. Measured on 2 cores:
-# torchvision's AlexNet at 224x224, batch 64 (774 KB an image) ran fastest by 4 images, 455 ->
-# 350 ms; alexnet_small at 28x28, batch 256 (221 KB an image) by 16-64 images, 406 -> 379-352 ms,
-# and by 4 slower than whole (629 ms).
-EVAL_CHUNK_BYTES = 4 * 2**20
-
-
 class AlexNet(nn.Module):
   """AlexNet family, NHWC input. Call with ``train=True`` to enable dropout (rng name 'dropout').
 
-  Fields are the settings that distinguish the variants; see ``VARIANT_SETTINGS``.
+  Fields are the settings that distinguish the variants (``VARIANT_SETTINGS``), and ``impl``, how
+  the layers are computed (``ops.Implementation``). ``num_classes=0`` drops fc3: the model returns
+  the penultimate features, ``hidden_width`` wide. With ``mutable=["intermediates"]``, ``apply``
+  also returns the activations by name (conv1..conv5 after their ReLU and LRN, pool1..pool3,
+  fc1, fc2 after their ReLU) in ``intermediates["activations"]``.
   """
 
   num_classes: int = 1000
@@ -117,17 +113,10 @@ class AlexNet(nn.Module):
   # torchvision puts dropout before fc1 and fc2; alexnet_small's write-up after them.
   dropout_placement: str = "before_hidden"
   weight_init: str = "torch"
-  # On CPU, stride-1 convolutions by Winograd's algorithm where it is faster (ops.WINOGRAD_TILES);
-  # False keeps XLA's direct convolution. Other platforms always use XLA's.
-  cpu_winograd: bool = True
-  # On CPU, the conv stack of a forward with train=False runs this many images at a time (the
-  # largest divisor of the batch up to it), so that each layer's activations and Winograd
-  # temporaries stay in the cache. None: as many as keep conv1's output within
-  # EVAL_CHUNK_BYTES (4 images of 224x224 for torchvision's AlexNet); 0: the whole batch at once.
-  # Training always runs the whole batch: chunked gradients were slower in the train step.
-  cpu_eval_chunk: Optional[int] = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  # Not a setting: speed only, so it stays out of configs and checkpoints.
+  impl: ops.Implementation = ops.FAST
 
   def __post_init__(self):
     n = len(self.conv_features)
@@ -136,9 +125,12 @@ class AlexNet(nn.Module):
       if len(getattr(self, name)) != n:
         raise ValueError(f"{name} has {len(getattr(self, name))} entries; conv_features has {n}: "
                          "every per-conv setting needs one entry per conv layer")
-    if self.cpu_eval_chunk is not None and self.cpu_eval_chunk < 0:
-      raise ValueError(f"cpu_eval_chunk={self.cpu_eval_chunk} must be >= 0 (images per chunk of "
-                       "the CPU eval forward; 0 runs the whole batch at once, None picks)")
+    if self.num_classes < 0:
+      raise ValueError(f"num_classes={self.num_classes} must be >= 0 (0 drops the classifier "
+                       "head and returns the penultimate features)")
+    if not isinstance(self.impl, ops.Implementation):
+      raise ValueError(f"impl must be an ops.Implementation (ops.FAST, ops.XLA, ...); got "
+                       f"{self.impl!r}")
     if self.weight_init not in INITS:
       raise ValueError(f"weight_init={self.weight_init!r} is not one of {INITS}")
     if self.dropout_placement not in DROPOUT_PLACEMENTS:
@@ -210,16 +202,6 @@ class AlexNet(nn.Module):
       raise ValueError(f"input {h}x{w} is too small: this configuration needs at least "
                        f"{self.min_input_size}x{self.min_input_size}")
 
-  def eval_chunk(self, shape: Sequence[int]) -> int:
-    """Images per chunk of the conv stack in a CPU forward with train=False, for NHWC ``shape``."""
-    n, chunk = shape[0], self.cpu_eval_chunk
-    if chunk is None:
-      h, w = (_conv_out(side, self.conv_kernels[0], self.conv_strides[0], self.conv_paddings[0])
-              for side in shape[1:3])
-      per_image = h * w * self.conv_features[0] * jnp.dtype(self.dtype).itemsize
-      chunk = max(1, EVAL_CHUNK_BYTES // per_image)
-    return max((b for b in range(1, min(n, chunk) + 1) if n % b == 0), default=n)
-
   # -- initialisers -----------------------------------------------------------------------------
 
   def _inits(self, name: str, fan_in: int, is_conv: bool) -> tuple[Initializer, Initializer]:
@@ -239,13 +221,20 @@ class AlexNet(nn.Module):
 
   # -- forward ----------------------------------------------------------------------------------
 
-  @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
+    """Logits, or with ``num_classes=0`` the penultimate features (the input of fc3)."""
+    return self._forward(x, train, head=True)
+
+  def flat_features(self, x: Array, train: bool = False) -> Array:
+    """The flattened conv features, fc1's input: ``model.apply(v, x, method="flat_features")``."""
+    return self._forward(x, train, head=False)
+
+  @nn.compact
+  def _forward(self, x: Array, train: bool, head: bool) -> Array:
     self.check_input_shape(x.shape)
     x = x.astype(self.dtype)
     n = x.shape[0]
-    conv = functools.partial(conv_general_dilated, winograd_batch=n) if self.cpu_winograd else (
-        jax.lax.conv_general_dilated)
+    conv = self.impl.conv(n)
     channels = (self.in_channels,) + tuple(self.conv_features)
     convs = []
     for i, features in enumerate(self.conv_features):
@@ -257,46 +246,55 @@ class AlexNet(nn.Module):
                            kernel_init=kernel_init, bias_init=bias_init,
                            conv_general_dilated=conv, dtype=self.dtype,
                            param_dtype=self.param_dtype, name=name))
+    sown = self.is_mutable_collection("intermediates")
+    activations = {}
 
-    def stack(x):
+    def stack(apply_conv, x):
+      pools = 0
       for i, layer in enumerate(convs):
-        x = nn.relu(layer(x))
+        x = nn.relu(apply_conv(layer, x))
         if self.lrn_after[i]:
           x = local_response_norm(x, self.lrn_size, self.lrn_alpha, self.lrn_beta, self.lrn_k)
+        activations[layer.name] = x
         if self.pool_after[i]:
-          x = max_pool(x, self.pool_window, self.pool_stride)
+          x = self.impl.max_pool(x, self.pool_window, self.pool_stride)
+          pools += 1
+          activations[f"pool{pools}"] = x
       return x
 
-    chunk = self.eval_chunk(x.shape)
-    # Values sown inside the loop (capture_intermediates) would leak out of its trace.
-    if (train or chunk == n or self.is_initializing()
-        or self.is_mutable_collection("intermediates")):
-      x = stack(x)
-    else:
-      def by_chunks(x):
-        y = jax.lax.map(stack, x.reshape((n // chunk, chunk) + x.shape[1:]))
-        return y.reshape((n,) + y.shape[2:])
-
-      x = jax.lax.platform_dependent(x, cpu=by_chunks, default=stack)
+    # Activations kept from inside the chunk loop would leak out of its trace.
+    chunk = n if train or sown or self.is_initializing() else self.impl.chunk(self, x.shape)
+    if chunk == n:
+      x = stack(lambda layer, x: layer(x), x)
+    else:  # the stack as a function of its params, which the implementation may transform
+      params = {layer.name: self.variables["params"][layer.name] for layer in convs}
+      pure = lambda p, x: stack(lambda layer, x: layer.clone(parent=None).apply(
+          {"params": p[layer.name]}, x), x)
+      x = self.impl.eval_conv_stack(pure, params, x, chunk)
     if self.avgpool_size is not None:
       x = adaptive_avg_pool(x, (self.avgpool_size, self.avgpool_size))
     # Flattened in (H, W, C) order; torch_interop permutes fc1 to and from torch's (C, H, W).
     x = x.reshape((x.shape[0], -1))
 
-    dropout = nn.Dropout(self.dropout_rate, deterministic=not train)
-    widths = (self.hidden_width, self.hidden_width, self.num_classes)
-    for i, width in enumerate(widths):
-      name = f"fc{i + 1}"
-      hidden = i < len(widths) - 1
-      if hidden and self.dropout_placement == "before_hidden":
-        x = dropout(x)
-      kernel_init, bias_init = self._inits(name, x.shape[-1], is_conv=False)
-      x = nn.Dense(width, kernel_init=kernel_init, bias_init=bias_init, dtype=self.dtype,
-                   param_dtype=self.param_dtype, name=name)(x)
-      if hidden:
-        x = nn.relu(x)
-        if self.dropout_placement == "after_hidden":
+    if head:
+      dropout = nn.Dropout(self.dropout_rate, deterministic=not train)
+      widths = (self.hidden_width, self.hidden_width) + ((self.num_classes,) if self.num_classes
+                                                         else ())
+      for i, width in enumerate(widths):
+        name = f"fc{i + 1}"
+        hidden = i < 2  # fc1 and fc2
+        if hidden and self.dropout_placement == "before_hidden":
           x = dropout(x)
+        kernel_init, bias_init = self._inits(name, x.shape[-1], is_conv=False)
+        x = nn.Dense(width, kernel_init=kernel_init, bias_init=bias_init, dtype=self.dtype,
+                     param_dtype=self.param_dtype, name=name)(x)
+        if hidden:
+          x = nn.relu(x)
+          activations[name] = x
+          if self.dropout_placement == "after_hidden":
+            x = dropout(x)
+    if sown:
+      self.sow("intermediates", "activations", activations, reduce_fn=lambda _, new: new)
     return x
 
 
@@ -345,7 +343,7 @@ VARIANT_SETTINGS: Mapping[str, Mapping[str, Any]] = {
 VARIANTS: tuple[str, ...] = tuple(VARIANT_SETTINGS)
 
 SETTINGS: tuple[str, ...] = tuple(
-    f.name for f in dataclasses.fields(AlexNet) if f.name not in ("parent", "name"))
+    f.name for f in dataclasses.fields(AlexNet) if f.name not in ("parent", "name", "impl"))
 
 
 def variant_settings(name: str, **overrides: Any) -> dict[str, Any]:
@@ -358,13 +356,15 @@ def variant_settings(name: str, **overrides: Any) -> dict[str, Any]:
   return {**VARIANT_SETTINGS[name], **overrides}
 
 
-def create_model(name: str, **overrides: Any) -> AlexNet:
+def create_model(name: str, *, impl: ops.Implementation = ops.FAST, **overrides: Any) -> AlexNet:
   """Builds variant ``name``; keyword overrides replace any of its settings.
 
   Example: the 2048-wide classifier on a 256x4x4 flatten is
-  ``create_model('alexnet', avgpool_size=4, hidden_width=2048)``.
+  ``create_model('alexnet', avgpool_size=4, hidden_width=2048)``; its feature extractor is
+  ``create_model('alexnet', num_classes=0)``; XLA's own ops instead of the faster CPU ones:
+  ``create_model('alexnet', impl=ops.XLA)``.
   """
-  return AlexNet(**variant_settings(name, **overrides))
+  return AlexNet(**variant_settings(name, **overrides), impl=impl)
 
 
 def init_params(model: AlexNet, rng: Array, input_shape: Optional[Sequence[int]] = None) -> Any:
@@ -374,6 +374,13 @@ def init_params(model: AlexNet, rng: Array, input_shape: Optional[Sequence[int]]
   model.check_input_shape(input_shape)
   # Under jit, init runs as one compiled program instead of dispatching op by op.
   variables = jax.jit(model.init)(rng, jnp.zeros(input_shape, model.dtype))
+  return variables["params"]
+
+
+def param_shapes(model: AlexNet) -> Any:
+  """The model's parameter tree as ShapeDtypeStructs (traced, nothing allocated)."""
+  shape = (1, model.input_size, model.input_size, model.in_channels)
+  variables = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct(shape, "float32"))
   return variables["params"]
 
 

@@ -1,5 +1,6 @@
-"""CPU speed: the XLA options the project compiles with, Winograd convolutions, and a max pool
-with a faster CPU gradient.
+"""How AlexNet is computed fast, apart from what it computes: the XLA options the project compiles
+with, Winograd convolutions, a max pool with a faster CPU gradient, a chunked CPU eval forward,
+and ``Implementation``, which picks among them for a model.
 
 XLA:CPU in recent jaxlibs hands convolutions and dots to YNNPACK fusions by default. For AlexNet
 on x86 its older kernels are much faster: at batch 64 on 2 AVX-512 cores the forward ran 73 -> 103
@@ -23,8 +24,9 @@ mode (``jvp``, ``jacfwd``, ``hessian``) works too. Its forward as a maximum of s
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -64,11 +66,13 @@ def compiler_options(platform: str | None = None) -> dict[str, Any]:
 
 
 def max_pool(x: jax.Array, window: int, stride: int) -> jax.Array:
-  """``nn.max_pool(x, (window, window), strides=(stride, stride), padding="VALID")``, NHWC."""
+  """``nn.max_pool(x, (window, window), strides=(stride, stride), padding="VALID")``, NHWC, with
+  the faster CPU forward and gradient."""
   return _max_pool(x, window, stride)
 
 
-def _xla_max_pool(x, window, stride):
+def xla_max_pool(x: jax.Array, window: int, stride: int) -> jax.Array:
+  """The same max pool by XLA's own ``reduce_window`` (gradient: ``select_and_scatter``)."""
   return lax.reduce_window(x, -jnp.inf, lax.max, (1, window, window, 1), (1, stride, stride, 1),
                            "VALID")
 
@@ -90,7 +94,7 @@ def tap_max_pool(x: jax.Array, *, window: int, stride: int) -> jax.Array:
 def _pool(x, window, stride):
   return lax.platform_dependent(
       x, cpu=functools.partial(tap_max_pool, window=window, stride=stride),
-      default=functools.partial(_xla_max_pool, window=window, stride=stride))
+      default=functools.partial(xla_max_pool, window=window, stride=stride))
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
@@ -106,7 +110,7 @@ def _max_pool_jvp(window, stride, primals, tangents):
   y = _max_pool(x, window, stride)  # itself, so that a derivative of this rule uses it again
 
   def native(x, y, t):
-    return jax.jvp(lambda x: _xla_max_pool(x, window, stride), (x,), (t,))[1]
+    return jax.jvp(lambda x: xla_max_pool(x, window, stride), (x,), (t,))[1]
 
   return y, lax.platform_dependent(
       x, y, t, cpu=functools.partial(tap_max_pool_jvp, window=window, stride=stride),
@@ -250,8 +254,10 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
   r = rhs.shape[0]
   _, _, th, tw = _tiling(lhs.shape[1], lhs.shape[2], r, padding, m)
   nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
-  tiles = (winograd_batch or lhs.shape[0]) * th * tw
-  if (rhs.shape[1] == r and not kwargs and tiles >= WINOGRAD_MIN_TILES
+  batch = lhs.shape[0] if winograd_batch is None else winograd_batch
+  # A symbolic batch (jax.export) is taken to be large: the choice changes speed, not results.
+  enough = not isinstance(batch, int) or batch * th * tw >= WINOGRAD_MIN_TILES
+  if (rhs.shape[1] == r and not kwargs and enough
       and min(rhs.shape[2:]) >= WINOGRAD_MIN_CHANNELS
       and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == nhwc
       and all(s == 1 for s in window_strides) and feature_group_count == 1
@@ -260,3 +266,88 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
     cpu = functools.partial(winograd_conv, padding=tuple(map(tuple, padding)), m=m)
     return lax.platform_dependent(lhs, rhs, cpu=cpu, default=xla)
   return xla(lhs, rhs)
+
+
+# ----------------------------------------------------------------------------------------------
+# The choice, per model.
+
+# The default CPU eval chunk, in bytes of conv1's output: with each layer's activations and
+# Winograd temporaries in the cache, a chunked eval forward beat the whole batch (measured in
+# docs/performance.md).
+EVAL_CHUNK_BYTES = 4 * 2**20
+
+
+@dataclasses.dataclass(frozen=True)
+class Implementation:
+  """How a model's convolutions, max pools and eval forward are computed: a choice of speed, not
+  of results (they agree to rounding). Pass one as ``create_model(..., impl=...)``; it is not a
+  model setting, so configs and checkpoints never hold it.
+
+  ``FAST`` (the default) is the fastest measured; ``XLA`` is XLA's own ops everywhere. Off CPU,
+  both run XLA's ops.
+  """
+
+  # On CPU, stride-1 convolutions by Winograd's algorithm where it is faster (WINOGRAD_TILES).
+  winograd: bool = True
+  # On CPU, the max pool as a maximum of strided slices, its gradient by the custom_jvp rule;
+  # False: reduce_window and select_and_scatter.
+  tap_max_pool: bool = True
+  # On CPU, a forward with train=False runs the conv stack this many images at a time (the largest
+  # divisor of the batch up to it). None: as many as keep conv1's output within EVAL_CHUNK_BYTES;
+  # 0: the whole batch. Training always runs the whole batch: chunked gradients were slower.
+  eval_chunk: Optional[int] = None
+
+  def __post_init__(self):
+    if self.eval_chunk is not None and (not isinstance(self.eval_chunk, int)
+                                        or self.eval_chunk < 0):
+      raise ValueError(f"eval_chunk={self.eval_chunk!r} must be None or an int >= 0 (images per "
+                       "chunk of the CPU eval forward; 0 runs the whole batch at once)")
+
+  def conv(self, batch: Any) -> Callable[..., jax.Array]:
+    """The ``conv_general_dilated`` for ``nn.Conv`` in a forward of ``batch`` images."""
+    if not self.winograd:
+      return lax.conv_general_dilated
+    return functools.partial(conv_general_dilated, winograd_batch=batch)
+
+  def max_pool(self, x: jax.Array, window: int, stride: int) -> jax.Array:
+    return (max_pool if self.tap_max_pool else xla_max_pool)(x, window, stride)
+
+  def chunk(self, model: Any, shape: Sequence[Any]) -> Any:
+    """Images per chunk of ``model``'s CPU eval conv stack for NHWC ``shape``; the batch when it
+    runs whole."""
+    batch = shape[0]
+    if not isinstance(batch, int):  # a symbolic batch (jax.export): no divisor to choose
+      return batch
+    chunk = self.eval_chunk
+    if chunk is None:
+      k, s, p = model.conv_kernels[0], model.conv_strides[0], model.conv_paddings[0]
+      h, w = ((side + 2 * p - k) // s + 1 for side in shape[1:3])
+      per_image = h * w * model.conv_features[0] * jnp.dtype(model.dtype).itemsize
+      chunk = max(1, EVAL_CHUNK_BYTES // per_image)
+    return max((b for b in range(1, min(batch, chunk) + 1) if batch % b == 0), default=batch)
+
+  def eval_conv_stack(self, stack: Callable[[Any, jax.Array], jax.Array], params: Any,
+                      x: jax.Array, chunk: int) -> jax.Array:
+    """``stack(params, x)``, on CPU by ``chunk`` images at a time.
+
+    Its derivatives, of any order and mode, are those of the whole batch at once: differentiated,
+    the chunk loop ran several times slower (docs/performance.md).
+    """
+    n = x.shape[0]
+    if chunk == n:
+      return stack(params, x)
+
+    def by_chunks(params, x):
+      y = lax.map(lambda xs: stack(params, xs), x.reshape((n // chunk, chunk) + x.shape[1:]))
+      return y.reshape((n,) + y.shape[2:])
+
+    @jax.custom_jvp
+    def run(params, x):
+      return lax.platform_dependent(params, x, cpu=by_chunks, default=stack)
+
+    run.defjvp(lambda primals, tangents: jax.jvp(stack, primals, tangents))
+    return run(params, x)
+
+
+FAST = Implementation()
+XLA = Implementation(winograd=False, tap_max_pool=False, eval_chunk=0)

@@ -31,7 +31,7 @@ import optax
 import torch
 
 from alexnet_jax import ops
-from alexnet_jax.models import VARIANTS, AlexNet, create_model, local_response_norm
+from alexnet_jax.models import VARIANTS, AlexNet, create_model
 from alexnet_jax.torch_interop import params_from_torch
 from alexnet_jax.torch_reference import torch_model
 
@@ -129,7 +129,7 @@ def _torch_path(net: torch.nn.Module, x: np.ndarray) -> tuple[list, list]:
   return weighted[:-1], pool_inputs
 
 
-def _flax_path(model: AlexNet) -> Callable[[Any, np.ndarray], tuple[list, list]]:
+def _flax_path(model: AlexNet) -> Callable[[Any, np.ndarray], tuple[np.ndarray, list, list]]:
   """Same as ``_torch_path`` for the Flax model (pool inputs as NCHW torch tensors).
 
   Compiled as the compared gradients are: op-by-op dispatch would use other kernels, whose
@@ -137,30 +137,24 @@ def _flax_path(model: AlexNet) -> Callable[[Any, np.ndarray], tuple[list, list]]
   """
   @functools.partial(jax.jit, compiler_options=ops.compiler_options())
   def path(params, x):
-    _, state = model.apply({"params": params}, x, capture_intermediates=True,
-                           mutable=["intermediates"])
-    acts = state["intermediates"]
-    convs = [acts[f"conv{i + 1}"]["__call__"][0] for i in range(len(model.conv_features))]
-    pool_inputs = []
-    for i, out in enumerate(convs):  # a pool's input is its conv's output after ReLU (and LRN)
-      if model.pool_after[i]:
-        a = jax.nn.relu(out)
-        if model.lrn_after[i]:
-          a = local_response_norm(a, model.lrn_size, model.lrn_alpha, model.lrn_beta,
-                                  model.lrn_k)
-        pool_inputs.append(a)
-    return convs + [acts[f"fc{i + 1}"]["__call__"][0] for i in range(2)], pool_inputs
+    logits, state = model.apply({"params": params}, x, mutable=["intermediates"])
+    acts = state["intermediates"]["activations"]
+    # After the ReLU (and LRN, which keeps signs): positive exactly where the layer's output is.
+    convs = [acts[f"conv{i + 1}"] for i in range(len(model.conv_features))]
+    pool_inputs = [a for a, pool in zip(convs, model.pool_after) if pool]
+    return logits, convs + [acts["fc1"], acts["fc2"]], pool_inputs
 
   def as_numpy(params, x):
-    hidden, pool_inputs = path(params, x)
-    return [np.asarray(h) for h in hidden], [_nchw(np.asarray(a)) for a in pool_inputs]
+    logits, hidden, pool_inputs = path(params, x)
+    return (np.asarray(logits), [np.asarray(h) for h in hidden],
+            [_nchw(np.asarray(a)) for a in pool_inputs])
   return as_numpy
 
 
 def _same_path(model: AlexNet, flax_path: Callable, params: Any, net: torch.nn.Module,
                x: np.ndarray) -> bool:
   """True when both frameworks switch the same ReLUs on and pick the same max-pool winners."""
-  (hidden_a, pools_a), (hidden_b, pools_b) = flax_path(params, x), _torch_path(net, x)
+  (_, hidden_a, pools_a), (hidden_b, pools_b) = flax_path(params, x), _torch_path(net, x)
   if any(not np.array_equal(a > 0, b > 0) for a, b in zip(hidden_a, hidden_b)):
     return False
   window, stride = model.pool_window, model.pool_stride
@@ -178,7 +172,6 @@ def run_case(case: Case, batch: int = 4, steps: int = 10, seed: int = 0) -> list
                                   params_from_torch(net.state_dict(), case.variant, **overrides))
   rng = np.random.default_rng(seed)
   jit = functools.partial(jax.jit, compiler_options=ops.compiler_options())  # as the steps
-  apply = jit(lambda p, x: model.apply({"params": p}, x))
   flax_path = _flax_path(model)
   rows = []
 
@@ -186,7 +179,7 @@ def run_case(case: Case, batch: int = 4, steps: int = 10, seed: int = 0) -> list
     x = rng.standard_normal((batch, size, size, model.in_channels), np.float32)
     with torch.no_grad():
       ref = net(_nchw(x)).numpy()
-    out = np.asarray(apply(params, x))
+    out = flax_path(params, x)[0]
     diff = float(np.abs(out - ref).max())
     rows.append(Row(case.label, f"logits {size}x{size}", "logits", diff,
                     diff / float(np.abs(ref).max()), LOGITS_TOL))
@@ -211,15 +204,6 @@ def run_case(case: Case, batch: int = 4, steps: int = 10, seed: int = 0) -> list
     raise RuntimeError(f"{case.label}: {MAX_REDRAWS} batches in a row took different ReLU/max-pool "
                        "paths in Flax and PyTorch; the forwards disagree beyond rounding")
 
-  x, y = same_path_batch(params)
-  grads = jit(jax.grad(loss_fn))(params, x, y)
-  net.zero_grad()
-  torch.nn.functional.cross_entropy(net(_nchw(x)), torch.from_numpy(y)).backward()
-  rows.append(_rel_rows(case.label, "gradients", grads,
-                        _torch_grads_as_flax(net, case.variant, overrides), GRAD_TOL,
-                        f"{redraws} batches redrawn"))
-  redraws = 0
-
   # torch.optim.SGD(momentum, weight_decay) == add_decayed_weights + sgd(momentum), schedule too.
   drop_at = steps // 2
   schedule = optax.piecewise_constant_schedule(LR, {drop_at: LR_DROP_FACTOR})
@@ -229,17 +213,22 @@ def run_case(case: Case, batch: int = 4, steps: int = 10, seed: int = 0) -> list
   def sgd_step(p, opt_state, x, y):
     g = jax.grad(loss_fn)(p, x, y)
     updates, opt_state = tx.update(g, opt_state, p)
-    return optax.apply_updates(p, updates), opt_state
+    return optax.apply_updates(p, updates), opt_state, g
 
   opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
   lr_sched = torch.optim.lr_scheduler.MultiStepLR(opt, [drop_at], LR_DROP_FACTOR)
   opt_state = tx.init(params)
   initial = params
-  for _ in range(steps):
+  for step in range(steps):
     x, y = same_path_batch(params)
-    params, opt_state = sgd_step(params, opt_state, x, y)
+    params, opt_state, grads = sgd_step(params, opt_state, x, y)
     opt.zero_grad()
     torch.nn.functional.cross_entropy(net(_nchw(x)), torch.from_numpy(y)).backward()
+    if step == 0:  # the loss gradients at the initial params (weight decay is added in step())
+      rows.append(_rel_rows(case.label, "gradients", grads,
+                            _torch_grads_as_flax(net, case.variant, overrides), GRAD_TOL,
+                            f"{redraws} batches redrawn"))
+      redraws = 0
     opt.step()
     lr_sched.step()
   trained = params_from_torch(net.state_dict(), case.variant, **overrides)
@@ -256,7 +245,10 @@ def _optimizer_row(case: Case, params: Any, tx: optax.GradientTransformation, st
 
   Within the network run the updates are tiny next to the weights, so a wrong weight decay or
   momentum would hide under the tolerance; here the change dominates and is what is compared.
+  The rule is elementwise, so the first and last layers stand for all.
   """
+  layers = list(params)
+  params = {layer: params[layer] for layer in (layers[0], layers[-1])}
   names = [(layer, name) for layer in params for name in params[layer]]
   ours = jax.tree_util.tree_map(np.asarray, params)
   tensors = [torch.tensor(ours[l][n], requires_grad=True) for l, n in names]

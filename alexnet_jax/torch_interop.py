@@ -14,10 +14,9 @@ import os
 import warnings
 from typing import Any, Mapping
 
-import jax
 import numpy as np
 
-from alexnet_jax.models import AlexNet, create_model
+from alexnet_jax.models import AlexNet, create_model, param_shapes
 
 # How the PyTorch twin of each variant names its layers: 'sequential' is torchvision's
 # features.N / classifier.N, 'named' is the conv1..conv5 / fc1..fc3 attributes of alexnet_small's
@@ -34,7 +33,7 @@ def torch_layer_names(model: AlexNet, naming: str) -> dict[str, str]:
   n_conv = len(model.conv_features)
   if naming == "named":
     return {**{f"conv{i + 1}": f"conv{i + 1}" for i in range(n_conv)},
-            **{f"fc{i + 1}": f"fc{i + 1}" for i in range(3)}}
+            **{f"fc{i + 1}": f"fc{i + 1}" for i in range(3 if model.num_classes else 2)}}
   if naming != "sequential":
     raise ValueError(f"naming must be 'sequential' or 'named', got {naming!r}")
   names, index = {}, 0
@@ -43,7 +42,7 @@ def torch_layer_names(model: AlexNet, naming: str) -> dict[str, str]:
     index += 2 + int(model.lrn_after[i]) + int(model.pool_after[i])
   before = model.dropout_placement == "before_hidden"
   index = 0
-  for i in range(3):  # [Dropout], Linear, ReLU, [Dropout] for hidden layers; Linear for the last
+  for i in range(3 if model.num_classes else 2):  # [Dropout], Linear, ReLU, [Dropout]; Linear
     hidden = i < 2
     index += int(hidden and before)
     names[f"fc{i + 1}"] = f"classifier.{index}"
@@ -67,13 +66,6 @@ def _expected_torch_shapes(model: AlexNet, naming: str) -> dict[str, tuple[int, 
       shapes[f"{prefix}.weight"] = (dense_out[i], dense_in[i])
       shapes[f"{prefix}.bias"] = (dense_out[i],)
   return shapes
-
-
-def flax_param_shapes(model: AlexNet) -> dict:
-  """The model's parameter tree as ShapeDtypeStructs (traced, nothing allocated)."""
-  shape = (1, model.input_size, model.input_size, model.in_channels)
-  variables = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct(shape, "float32"))
-  return variables["params"]
 
 
 def _to_numpy(value: Any) -> np.ndarray:
@@ -127,12 +119,21 @@ def params_from_torch(state_dict: Mapping[str, Any], variant: str, **overrides: 
   """Converts a PyTorch state_dict (tensors or numpy arrays) to Flax params for ``variant``.
 
   Strict: missing or unexpected keys and wrong shapes raise one ValueError listing all of them.
+  With ``num_classes=0`` the file's classifier head is left out.
   """
-  model = create_model(variant, **overrides)
-  naming = torch_naming(variant)
+  return state_dict_to_params(state_dict, create_model(variant, **overrides), torch_naming(variant),
+                              f"state_dict for variant {variant!r}")
+
+
+def state_dict_to_params(state_dict: Mapping[str, Any], model: AlexNet, naming: str,
+                         what: str = "state_dict") -> dict:
+  """``params_from_torch`` for a built ``model`` whose PyTorch twin names layers by ``naming``."""
   expected = _expected_torch_shapes(model, naming)
   arrays = {k: _to_numpy(v) for k, v in state_dict.items()}
-  _check_keys_and_shapes(f"state_dict for variant {variant!r}",
+  if not model.num_classes:  # a feature extractor: the file's head is not wanted
+    head = torch_layer_names(model.clone(num_classes=1), naming)["fc3"]
+    arrays = {k: v for k, v in arrays.items() if k not in (f"{head}.weight", f"{head}.bias")}
+  _check_keys_and_shapes(what,
                          {k: v.shape for k, v in arrays.items()}, expected,
                          _state_dict_hint(arrays, expected))
   dtype = np.dtype(model.param_dtype)
@@ -159,7 +160,7 @@ def params_to_torch(params: Mapping[str, Any], variant: str, **overrides: Any
   naming = torch_naming(variant)
   layers = torch_layer_names(model, naming)
   expected = {f"{layer}/{name}": leaf.shape
-              for layer, sub in flax_param_shapes(model).items() for name, leaf in sub.items()}
+              for layer, sub in param_shapes(model).items() for name, leaf in sub.items()}
   flat = {f"{layer}/{name}": _to_numpy(value)
           for layer, sub in params.items() for name, value in sub.items()}
   _check_keys_and_shapes(f"params for variant {variant!r}", {k: v.shape for k, v in flat.items()},

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from alexnet_jax import checkpointing, config_checks, ops, optim, preemption
+from alexnet_jax import checkpointing, config_checks, ops, optim, preemption, pretrained
 from alexnet_jax import input_pipeline as ip
 from alexnet_jax.metric_log import MetricLogger
 from alexnet_jax.models import AlexNet, create_model, init_params
@@ -529,10 +529,13 @@ def _summarise(pending: list[dict], step: int, window_start: float, batch_size: 
 
 
 def _initial_params(config: Any, model: AlexNet) -> Any | None:
-  """Params from ``config.init_from`` (a checkpoint, .pth or .msgpack), or None."""
+  """Params from ``config.init_from`` (published weights, a checkpoint, .pth or .msgpack), or
+  None."""
   if not config.init_from:
     return None
-  return checkpointing.load_pretrained(config.init_from, config, model)
+  return pretrained.load_weights(config.init_from, model, config.model,
+                                 replace_head=config.init_replace_head, seed=config.seed,
+                                 what="init_from")
 
 
 def evaluate_checkpoint(config: Any, workdir: str, which: str | None = None) -> dict[str, float]:

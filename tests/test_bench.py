@@ -7,13 +7,13 @@ import pytest
 pytest.importorskip("torch", reason="the benchmark compares against PyTorch")
 pytest.importorskip("tensorflow", reason="the train step needs the 'train' extra")
 
-from alexnet_jax import bench, models, ops  # noqa: E402
+from alexnet_jax import bench, ops  # noqa: E402
 
 
 def test_bench_train_reports_both_frameworks(tmp_path, capsys, monkeypatch):
   monkeypatch.setattr(ops, "WINOGRAD_MIN_TILES", 1)  # batch 8 takes AlexNet's batch-64 path
   # chunks of 4 images (conv1's output is 24x24x96 fp32), as 224x224 AlexNet's at batch 64
-  monkeypatch.setattr(models, "EVAL_CHUNK_BYTES", 4 * 24 * 24 * 96 * 4)
+  monkeypatch.setattr(ops, "EVAL_CHUNK_BYTES", 4 * 24 * 24 * 96 * 4)
   out = tmp_path / "bench.json"
   assert bench.main(["train", "--variant", "alexnet_small", "--batch", "8", "--rounds", "2",
                      "--iters", "1", "--no_torch_compile", "--json", str(out)]) == 0

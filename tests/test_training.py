@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("tensorflow", reason="training needs the 'train' extra")
 
-from alexnet_jax import VARIANTS, checkpointing, training  # noqa: E402
+from alexnet_jax import VARIANTS, checkpointing, pretrained, training  # noqa: E402
 from alexnet_jax import input_pipeline as ip  # noqa: E402
 from configs import default  # noqa: E402
 
@@ -184,7 +184,7 @@ def test_init_from_pth_replaces_the_head_only_when_asked(tmp_path):
     training.train_and_evaluate(config, str(tmp_path / "a"))
   config.init_replace_head = True
   model = training.create_model_from_config(config, 10)
-  params = checkpointing.load_pretrained(pth, config, model)
+  params = pretrained.load_weights(pth, model, "alexnet_small", replace_head=True)
   expected = torch_interop.params_from_torch(net.state_dict(), "alexnet_small", num_classes=7,
                                              **TINY)
   np.testing.assert_array_equal(params["conv1"]["kernel"], expected["conv1"]["kernel"])
@@ -192,7 +192,7 @@ def test_init_from_pth_replaces_the_head_only_when_asked(tmp_path):
   trained = training.train_and_evaluate(config, str(tmp_path / "b"))
   # Another run's workdir is a starting point too: its latest params, a fresh optimizer.
   config = tiny_config(init_from=str(tmp_path / "b"))
-  from_run = checkpointing.load_pretrained(config.init_from, config, model)
+  from_run = pretrained.load_weights(config.init_from, model, "alexnet_small")
   _assert_trees_equal(from_run, trained.params)
 
 

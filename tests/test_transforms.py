@@ -1,15 +1,13 @@
 """Every JAX transform through every variant: the CPU kernels (Winograd convolutions, the max
 pool and its gradient, the chunked eval forward) give what XLA's own ops give."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import alexnet_jax as A
-from alexnet_jax import models, ops
+from alexnet_jax import ops
 
 # Narrow, and PyTorch's init for all: the paper's N(0, 0.01) leaves a narrow net's logits near
 # 1e-9, where float noise is all there is to compare.
@@ -28,20 +26,11 @@ def _close(ours, ref):
 def _models(variant):
   """The variant narrowed, with the CPU kernels (eval by chunks of one image), and with XLA's
   own convolutions and max pool."""
-  ours = A.create_model(variant, cpu_eval_chunk=1, **NARROW)
-  xla = ours.clone(cpu_winograd=False, cpu_eval_chunk=0)
+  ours = A.create_model(variant, impl=ops.Implementation(eval_chunk=1), **NARROW)
+  xla = ours.clone(impl=ops.XLA)
   side = ours.input_size if ours.avgpool_size is None else 67
   x = jax.random.uniform(jax.random.key(1), (2, side, side, ours.in_channels))
   return ours, xla, A.init_params(ours, jax.random.key(0)), x
-
-
-def _with_xla_pool(fn):
-  @functools.wraps(fn)
-  def run(*args):
-    with pytest.MonkeyPatch.context() as m:
-      m.setattr(models, "max_pool", ops._xla_max_pool)
-      return fn(*args)
-  return run
 
 
 def _transforms(model, params, x):
@@ -77,7 +66,7 @@ def _compare(variant, names):
   ours, xla, params, x = _models(variant)
   mine, theirs = _transforms(ours, params, x), _transforms(xla, params, x)
   for name in names or mine:
-    _close(jax.jit(mine[name])(), _with_xla_pool(jax.jit(theirs[name]))())
+    _close(jax.jit(mine[name])(), jax.jit(theirs[name])())
 
 
 def test_every_transform_matches_xla_ops():
