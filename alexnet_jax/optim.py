@@ -1,7 +1,8 @@
 """SGD optimizer and learning-rate schedules built from a training config.
 
 The config is read by attribute only (an ``ml_collections.ConfigDict`` or any object with these
-fields). Fields and defaults (``REQUIRED`` = no default):
+fields). Fields and defaults (``REQUIRED`` = no default); ``DEFAULTS`` holds them, and
+``configs/default.py`` takes them from there:
 
 ================================  =============  ===============================================
 field                             default        meaning
@@ -23,9 +24,9 @@ field                             default        meaning
 ``lr_step_epochs``                ``30``         'step': decay every this many epochs (StepLR)
 ``lr_milestones_epochs``          ``()``         'multistep': epochs of the drops (MultiStepLR)
 ``warmup_epochs``                 ``0.0``        linear warmup from 0, composed with any schedule
-``plateau_patience``              ``10``         'plateau': evaluations without improvement
+``plateau_patience``              ``2``          'plateau': evaluations without improvement
 ``plateau_rtol``                  ``1e-4``       'plateau': relative improvement that counts
-``plateau_min_scale``             ``0.0``        'plateau': the LR never goes below base * this
+``plateau_min_scale``             ``1e-3``       'plateau': the LR never goes below base * this
 ================================  =============  ===============================================
 
 Momentum rules, for LR ``lr``, momentum ``m``, weight decay ``wd``, gradient ``g``:
@@ -37,7 +38,8 @@ Momentum rules, for LR ``lr``, momentum ``m``, weight decay ``wd``, gradient ``g
 
 Epoch-based fields become step counts through ``steps_per_epoch``; step ``t`` (0-based) is the
 ``t``-th update. Warmup ramps the LR linearly from 0 (at step 0) to the schedule's LR over
-``round(warmup_epochs * steps_per_epoch)`` steps. Step and multistep drops stay at their absolute
+``round(warmup_epochs * steps_per_epoch)`` steps; a run too short for that (a smoke run) warms
+up over half its steps, with a warning. Step and multistep drops stay at their absolute
 epochs (they must come after the warmup); cosine decays to 0 over the steps left after the warmup.
 
 The 'plateau' schedule (the paper's "divide the LR by 10 when the validation error stops
@@ -51,6 +53,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import numbers
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -63,7 +66,7 @@ MOMENTUM_RULES = ("torch", "paper")
 LR_SCALINGS = ("none", "linear")
 
 _REQUIRED = object()
-_DEFAULTS = {
+DEFAULTS = {
     "lr_scaling": "none",
     "lr_base_batch_size": 128,
     "nesterov": False,
@@ -73,9 +76,9 @@ _DEFAULTS = {
     "lr_step_epochs": 30,
     "lr_milestones_epochs": (),
     "warmup_epochs": 0.0,
-    "plateau_patience": 10,
+    "plateau_patience": 2,
     "plateau_rtol": 1e-4,
-    "plateau_min_scale": 0.0,
+    "plateau_min_scale": 1e-3,
 }
 
 
@@ -99,7 +102,7 @@ class _Settings:
 
 
 def _get(config: Any, name: str) -> Any:
-  value = getattr(config, name, _DEFAULTS.get(name, _REQUIRED))
+  value = getattr(config, name, DEFAULTS.get(name, _REQUIRED))
   if value is _REQUIRED:
     raise ValueError(f"config.{name} is missing.")
   return value
@@ -225,9 +228,11 @@ def _schedule(s: _Settings, steps_per_epoch: Any, num_train_steps: Any) -> optax
   steps_per_epoch = _positive_int(steps_per_epoch, "steps_per_epoch")
   num_train_steps = _positive_int(num_train_steps, "num_train_steps")
   warmup = int(round(s.warmup_epochs * steps_per_epoch))
-  if warmup >= num_train_steps:
-    raise ValueError(f"config.warmup_epochs={s.warmup_epochs} is {warmup} steps, which must be "
-                     f"fewer than num_train_steps={num_train_steps}.")
+  if warmup >= num_train_steps:  # a smoke run of a few steps
+    warnings.warn(f"config.warmup_epochs={s.warmup_epochs} is {warmup} steps, not fewer than "
+                  f"num_train_steps={num_train_steps}: warming up over {num_train_steps // 2} "
+                  "steps (half the run) instead", stacklevel=2)
+    warmup = num_train_steps // 2
   if s.schedule == "cosine" and warmup:
     return optax.warmup_cosine_decay_schedule(0.0, s.learning_rate, warmup, num_train_steps)
   decay, first_drop = _decay_schedule(s, steps_per_epoch, num_train_steps)

@@ -10,6 +10,7 @@ import dataclasses
 import ml_collections
 from ml_collections import config_dict
 
+from alexnet_jax import input_pipeline, optim
 from alexnet_jax.models import SETTINGS, AlexNet
 
 
@@ -48,7 +49,7 @@ def get_config() -> ml_collections.ConfigDict:
   # data_shards rows from every shard, so that the data order is the same on any number of
   # processes; it must be a multiple of the process count and divide batch_size. Folders and
   # arrays are shuffled as a whole and ignore it.
-  c.data_shards = 16
+  c.data_shards = input_pipeline.DEFAULT_SHARDS
 
   # Optimisation (alexnet_jax.optim).
   c.batch_size = 32  # global, over all devices and processes
@@ -56,21 +57,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.num_epochs = 6.0
   c.num_train_steps = -1  # > 0 overrides num_epochs
   c.learning_rate = 0.05
-  c.lr_scaling = "none"  # none | linear (lr * batch_size / lr_base_batch_size)
-  c.lr_base_batch_size = 128
   c.momentum = 0.9
-  c.nesterov = False
-  c.momentum_rule = "torch"  # torch (torch.optim.SGD) | paper (Krizhevsky et al. 2012)
   c.weight_decay = 5e-4
-  c.weight_decay_on_biases = True
   c.schedule = "cosine"  # constant | step | multistep | cosine | plateau
-  c.lr_decay_factor = 0.1
-  c.lr_step_epochs = 30
-  c.lr_milestones_epochs = ()
-  c.warmup_epochs = 0.25
-  c.plateau_patience = 2  # evaluations without improvement before the lr drops
-  c.plateau_rtol = 1e-4
-  c.plateau_min_scale = 1e-3
+  # The other optimizer fields, with the library's defaults: lr_scaling, lr_base_batch_size,
+  # nesterov, momentum_rule, weight_decay_on_biases, lr_decay_factor, lr_step_epochs,
+  # lr_milestones_epochs, warmup_epochs, plateau_patience/rtol/min_scale (alexnet_jax/optim.py
+  # says what each means).
+  c.update(optim.DEFAULTS)
+  c.warmup_epochs = 0.25  # the quickstart's
   c.label_smoothing = 0.0
 
   # Parallelism: pmap (replicated state, batch with a leading device axis), jit (shard_map
@@ -95,7 +90,8 @@ def get_config() -> ml_collections.ConfigDict:
   # it with the list of changes, unless this is True.
   c.allow_config_change = False
 
-  # Start from other weights: an Orbax workdir/checkpoint, a PyTorch .pth or a converted .msgpack.
+  # Start from other weights: published ones ("torchvision", for alexnet), an Orbax
+  # workdir/checkpoint, a PyTorch .pth or a converted .msgpack.
   c.init_from = ""
   c.init_replace_head = False  # start the classifier afresh when its class count differs
   return c

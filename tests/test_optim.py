@@ -296,7 +296,6 @@ BAD_CONFIGS = [
     (dict(schedule="step", lr_step_epochs=0), "lr_step_epochs"),
     (dict(schedule="step", lr_decay_factor=1.5), "lr_decay_factor"),
     (dict(warmup_epochs=-1.0), "warmup_epochs"),
-    (dict(warmup_epochs=10), "warmup_epochs"),  # 40 steps of warmup in a 40-step run
     (dict(schedule="multistep", lr_milestones_epochs=(1,), warmup_epochs=2), "warmup_epochs"),
     (dict(schedule="plateau", plateau_patience=0), "plateau_patience"),
     (dict(schedule="plateau", plateau_rtol=0.0), "plateau_rtol"),
@@ -332,3 +331,12 @@ def test_bad_arguments_and_missing_fields_raise():
   params, _ = _params_and_grads(0)
   state = optim.create_optimizer(minimal, SPE, STEPS).init(params)
   assert float(optim.current_learning_rate(state)) == pytest.approx(LR)
+
+
+def test_a_run_shorter_than_its_warmup_warms_up_over_half_of_it():
+  # e.g. --config.num_train_steps=6 under a 0.25-epoch warmup of 11 steps
+  with pytest.warns(UserWarning, match=r"warmup_epochs=10.0 is 40 steps, not fewer than "
+                                       r"num_train_steps=6: warming up over 3 steps"):
+    schedule = optim.learning_rate_schedule(_config(warmup_epochs=10), SPE, 6)
+  np.testing.assert_allclose([schedule(t) for t in range(6)], _warmup_then([LR] * 6, 3),
+                             rtol=1e-6)
