@@ -28,6 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
+import types
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -79,7 +80,7 @@ def bench_train(variant: str, batch: int, rounds: int = 5, iters: int = 3, warmu
   """Train-step and forward images/s of the library's step vs the same model in PyTorch.
 
   JAX runs ``training.train_step`` through ``training.make_steps("jit")`` on one device, with
-  the optimizer of ``configs/imagenet_torchvision.py`` (SGD, momentum 0.9, weight decay 1e-4);
+  torchvision's recipe's optimizer (SGD, momentum 0.9, weight decay 1e-4);
   PyTorch runs ``torch.optim.SGD`` with the same settings, eager and (where it works)
   ``torch.compile``d. Same batch, fp32, alternating rounds. ``winograd=False`` times XLA's
   direct convolutions instead of the CPU default (``ops.Implementation.winograd``).
@@ -87,25 +88,21 @@ def bench_train(variant: str, batch: int, rounds: int = 5, iters: int = 3, warmu
   import jax
   import torch
 
-  from alexnet_jax import ops, training
+  from alexnet_jax import ops, optim, training
+  from alexnet_jax.models import create_model
   from alexnet_jax.torch_interop import params_from_torch
   from alexnet_jax.torch_reference import torch_model
 
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from configs import imagenet_torchvision  # the checkout's configs/, beside the package
-
-  config = imagenet_torchvision.get_config()
-  config.model = variant
-  defaults = training.create_model(variant)  # the variant's own classes and input channels
-  config.channels = defaults.in_channels
-  model = training.create_model_from_config(config, defaults.num_classes)
-  model = model.clone(impl=dataclasses.replace(model.impl, winograd=winograd))
-  tx = training.optim.create_optimizer(config, 1000, 10**6)
+  # The optimizer of configs/imagenet_torchvision.py, whose other fields a step does not read.
+  recipe = types.SimpleNamespace(learning_rate=0.01, momentum=0.9, weight_decay=1e-4,
+                                 schedule="step", lr_step_epochs=30, seed=seed)
+  model = create_model(variant, impl=dataclasses.replace(ops.FAST, winograd=winograd))
+  tx = optim.create_optimizer(recipe, 1000, 10**6)
   steps = training.make_steps("jit", model, tx, devices=jax.devices()[:1])
   torch.manual_seed(seed)
   net = torch_model(variant)
   params = params_from_torch(net.state_dict(), variant)
-  state = training.replicate_state(training.create_train_state(config, model, tx, params), steps)
+  state = training.place_state(training.create_train_state(recipe, model, tx, params), steps)
   rng = np.random.default_rng(seed)
   side = model.input_size
   x = rng.standard_normal((batch, side, side, model.in_channels), np.float32)
@@ -140,8 +137,8 @@ def bench_train(variant: str, batch: int, rounds: int = 5, iters: int = 3, warmu
       xt.contiguous(memory_format=torch.channels_last))}
 
   def torch_step(module, inputs):
-    opt = torch.optim.SGD(module.parameters(), lr=config.learning_rate,
-                          momentum=config.momentum, weight_decay=config.weight_decay)
+    opt = torch.optim.SGD(module.parameters(), lr=recipe.learning_rate,
+                          momentum=recipe.momentum, weight_decay=recipe.weight_decay)
 
     def step():
       module.train()

@@ -2,8 +2,9 @@
 
 ``WORKDIR/checkpoints`` holds the last ``config.keep_checkpoints`` checkpoints plus the best one by
 eval top-1. Each holds the train state (params, optimizer state, step, RNG, plateau state), the
-data iterator's position, the config and a checksum of every array of the state. The state is
-saved unreplicated, so a checkpoint restores on any number of devices.
+config and a checksum of every array of the state; the data iterator's position follows from the
+step and the config. The state is saved unreplicated, so a checkpoint restores on any number of
+devices.
 
 Orbax checksums only its shard indexes, not the array data, so a flipped bit in a chunk restores
 silently. Two checks fill that gap: ``record_files`` lists each file's size and CRC32 once a save
@@ -121,8 +122,8 @@ def fingerprint(state: Any) -> tuple[dict[str, int], bool]:
 # Saving.
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: Mapping[str, int],
-         config: Any, eval_metrics: Mapping[str, float] | None = None) -> None:
+def save(manager: ocp.CheckpointManager, step: int, state: Any, config: Any,
+         eval_metrics: Mapping[str, float] | None = None) -> None:
   """Saves in the background; the device-to-host copy is done before this returns.
 
   Raises FloatingPointError, and writes nothing, if the state holds a NaN or an infinity.
@@ -138,7 +139,6 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: Mapp
   metrics = {"eval_top1": float(eval_metrics["eval_top1"])} if eval_metrics else None
   manager.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state),
-      data=ocp.args.JsonSave(dict(data_state)),
       config=ocp.args.JsonSave(config.to_dict()),
       integrity=ocp.args.JsonSave({"checksums": checksums})), metrics=metrics, force=True)
 

@@ -21,8 +21,8 @@ ops from (seed, epoch, [shard,] its position), so it does not depend on the topo
 Resume: ``start_step=k`` rebuilds epoch ``k // steps_per_epoch`` and starts at step ``k``: indexed
 sources jump straight there; TFDS shards skip the records before it, reading but not decoding them.
 
-TensorFlow is imported here only, and is hidden from every GPU so that it leaves accelerator memory
-to JAX.
+TensorFlow is imported here only; before its first op it is hidden from every GPU, so that it
+leaves accelerator memory to JAX.
 """
 
 from __future__ import annotations
@@ -40,12 +40,9 @@ from typing import Any, Callable, Iterator, Sequence
 import jax
 import numpy as np
 import tensorflow as tf
+import tensorflow_datasets as tfds
 
-tf.config.set_visible_devices([], "GPU")
-
-import tensorflow_datasets as tfds  # noqa: E402  (after hiding the GPUs from TF)
-
-from alexnet_jax import augment  # noqa: E402
+from alexnet_jax import augment
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -60,6 +57,16 @@ PCA_NOISE_STD = 0.1
 TRAIN_PRESETS = ("paper", "torchvision", "small", "small_noflip")
 EVAL_PRESETS = ("center_crop", "ten_crop", "small")
 LAYOUTS = ("pmap", "jit")
+
+
+@functools.cache
+def keep_tf_off_gpus() -> None:
+  """Hides every GPU from TensorFlow, so that it leaves their memory to JAX. Called before the
+  pipeline's first TensorFlow op; too late (TensorFlow already ran ops) it changes nothing."""
+  try:
+    tf.config.set_visible_devices([], "GPU")
+  except RuntimeError:  # "Visible devices cannot be modified after being initialized"
+    pass
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 DIGITS_SIDE = 28
 DIGITS_TEST_FRACTION = 0.2
@@ -128,6 +135,7 @@ def _indexed_parts(total: int, lookup: Callable[[tf.Tensor], dict[str, tf.Tensor
 def array_source(images: np.ndarray, labels: np.ndarray, *, name: str = "arrays",
                  split: str = "train", num_classes: int | None = None) -> Source:
   """A source over in-memory uint8 images (N, H, W, C) and integer labels (N,)."""
+  keep_tf_off_gpus()
   images, labels = np.asarray(images), np.asarray(labels)
   if images.ndim != 4 or images.dtype != np.uint8:
     raise ValueError(f"images must be uint8 (N, H, W, C); got {images.dtype} {images.shape}")
@@ -194,6 +202,7 @@ def folder_source(root: str, split: str, *, skip_bad_images: bool = False) -> So
   process, so that all agree on the list) and the undecodable ones are left out and listed in
   ``Source.skipped``; otherwise the first bad file stops the pipeline with an error naming it.
   """
+  keep_tf_off_gpus()
   split_dir = os.path.join(root, split)
   if not os.path.isdir(split_dir):
     found = sorted(d.name for d in os.scandir(root) if d.is_dir()) if os.path.isdir(root) else []
@@ -265,6 +274,7 @@ def tfds_source(name: str, split: str, *, data_dir: str | None = None,
   buffer of ``shuffle_buffer / n`` for ``n`` parts, so that the memory it takes over all parts
   (all processes) is one ``shuffle_buffer`` of encoded images.
   """
+  keep_tf_off_gpus()
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:  # its message lists every dataset
@@ -519,6 +529,7 @@ class Preprocess:
   std: tuple[float, ...] = IMAGENET_STD
 
   def __post_init__(self):
+    keep_tf_off_gpus()
     if self.train_preset not in TRAIN_PRESETS:
       raise ValueError(f"train_preset must be one of {TRAIN_PRESETS}; got {self.train_preset!r}")
     if self.eval_preset not in EVAL_PRESETS:

@@ -2,12 +2,10 @@
 with, Winograd convolutions, a max pool with a faster CPU gradient, a chunked CPU eval forward,
 and ``Implementation``, which picks among them for a model.
 
-XLA:CPU in recent jaxlibs hands convolutions and dots to YNNPACK fusions by default. For AlexNet
-on x86 its older kernels are much faster: at batch 64 on 2 AVX-512 cores the forward ran 73 -> 103
-images/s and the train step 20 -> 30; YNNPACK's convolution weight gradient alone took 4 of the 8
-seconds of a step. ``compiler_options`` turns those fusions off for the library's jitted steps,
-and switches XLA's copy insertion to its region-based analysis, which drops copies of parameters
-that the step updates in place.
+XLA:CPU in recent jaxlibs hands convolutions and dots to YNNPACK fusions by default; for AlexNet
+on x86 its older kernels are much faster, so ``compiler_options`` turns those fusions off for the
+library's jitted steps, and switches XLA's copy insertion to its region-based analysis, which
+drops copies of parameters that the step updates in place.
 
 With YNNPACK's fusions off, XLA's convolutions run near the machine's matmul rate, so the
 remaining way to a faster convolution is fewer multiplications: on CPU, ``conv_general_dilated``
@@ -15,11 +13,10 @@ computes the stride-1 convolutions (AlexNet's conv2-conv5) by Winograd's algorit
 (``winograd_conv``).
 
 A max pool's gradient (``select_and_scatter``) is slow on XLA:CPU too; routing the gradient tap by
-tap to each window's first maximum (XLA's and PyTorch's tie rule) is a few strided adds: AlexNet's
-three pool gradients at batch 64 took 36-48 ms, against 424-445 by ``select_and_scatter``. It is
+tap to each window's first maximum (XLA's and PyTorch's tie rule) is a few strided adds. It is
 the transpose of the pool's tangent rule (a ``custom_jvp``, linear in the tangent), so forward
-mode (``jvp``, ``jacfwd``, ``hessian``) works too. Its forward as a maximum of strided slices gains
-3-4% over ``reduce_window``. Only the CPU lowering changes (``lax.platform_dependent``).
+mode (``jvp``, ``jacfwd``, ``hessian``) works too. Only the CPU lowering changes
+(``lax.platform_dependent``). docs/performance.md has the measurements behind each choice.
 """
 
 from __future__ import annotations
@@ -36,9 +33,8 @@ from jax import lax
 _CPU_OPTIONS = {
     # An empty list of fusion types forms no YNNPACK fusion.
     "xla_cpu_experimental_ynn_fusion_type": "",
-    # Without it, copy insertion copies parameters that the step updates in place (fc1's 151 MB
-    # weight among them): AlexNet's batch-64 train step needs 87 MiB fewer temporaries with it,
-    # and ran 1,334 -> 1,300 ms (one process, 10 alternating rounds), with bit-equal results.
+    # Without it, copy insertion copies parameters that the step updates in place (fc1's weight
+    # among them): more temporaries and a slower step, for bit-equal results.
     "xla_cpu_copy_insertion_use_region_analysis": True,
 }
 
@@ -122,7 +118,7 @@ def _first_maximum(x: jax.Array, y: jax.Array, window: int, stride: int) -> jax.
   PyTorch's tie rule."""
   # Found once, by a reduction that XLA leaves unfused. As a chain of selects (or a "taken"
   # mask) it was fused into every tap's branch of the gradient and re-derived there, together
-  # with the pool output and whatever produced x: about 5% of a step. The reduction's input is
+  # with the pool output and whatever produced x, at a cost to every step. The reduction's input is
   # built by selects on an iota, not by jnp.stack: XLA:CPU copies each operand of a concatenate
   # out, twice over, while the selects fuse into the reduction.
   taps = list(_taps(x, window, stride))
@@ -225,7 +221,7 @@ def winograd_conv(x: jax.Array, w: jax.Array, padding: Sequence[tuple[int, int]]
 # and 49 instead of 225 for conv2.
 WINOGRAD_TILES = {3: 3, 5: 3}
 # Thinner or smaller products than these do not win back the transforms and their compile time
-# (alexnet_small at batch 32, 128-512 tiles a layer: the same step time, 12 s more to compile).
+# (docs/performance.md).
 WINOGRAD_MIN_CHANNELS = 32
 WINOGRAD_MIN_TILES = 1024  # per device: batch x output tiles of one image
 

@@ -7,6 +7,7 @@ checkpoint does not depend on the number of devices that wrote it.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -151,18 +152,18 @@ def eval_step(params: Any, batch: Mapping[str, jax.Array], *, model: AlexNet,
 # The two thin wrappers.
 
 
-@flax.struct.dataclass
+@dataclasses.dataclass(frozen=True)
 class Steps:
   """Compiled steps for one parallel mode, and how host batches and the state reach the devices.
 
   ``state_sharding(path, leaf)`` is where a leaf of the train state lives.
   """
-  train: Callable = flax.struct.field(pytree_node=False)
-  eval: Callable = flax.struct.field(pytree_node=False)
-  put: Callable = flax.struct.field(pytree_node=False)
-  state_sharding: Callable = flax.struct.field(pytree_node=False)
-  layout: str = flax.struct.field(pytree_node=False)
-  num_devices: int = flax.struct.field(pytree_node=False)
+  train: Callable
+  eval: Callable
+  put: Callable
+  state_sharding: Callable
+  layout: str
+  num_devices: int
 
 
 def make_steps(mode: str, model: AlexNet, tx: optax.GradientTransformation, *,
@@ -285,7 +286,7 @@ def _global_state_outputs(pmapped: Callable, sharding: NamedSharding) -> Callabl
   return train
 
 
-def replicate_state(state: TrainState, steps: Steps) -> TrainState:
+def place_state(state: TrainState, steps: Steps) -> TrainState:
   """Places the state where ``steps`` want it (replicated, or split in hybrid mode)."""
   return jax.device_put(state, jax.tree_util.tree_map_with_path(steps.state_sharding, state))
 
@@ -412,12 +413,12 @@ def _initial_state(config: Any, model: AlexNet, tx: optax.GradientTransformation
   """The newest intact checkpoint's state, or a fresh one (from ``init_from`` if set)."""
   if manager.latest_step() is not None:
     # Straight into the replicated layout: every process reads its own devices' copy.
-    template = replicate_state(create_train_state(config, model, tx), steps)
+    template = place_state(create_train_state(config, model, tx), steps)
     state = checkpointing.restore_latest(manager, template, config)
     if state is not None:
       return state, True
   # init_from only seeds a fresh run; a resumed one has its own weights.
-  return replicate_state(create_train_state(
+  return place_state(create_train_state(
       config, model, tx, params=_initial_params(config, model)), steps), False
 
 
@@ -478,7 +479,7 @@ def _train(config: Any, workdir: str, state: TrainState, steps: Steps, manager: 
         if saving is not None:  # the previous save's failure, before this one is started
           _finish_save(manager, saving)
         try:
-          checkpointing.save(manager, step, state, train_iter.state(), config, eval_metrics)
+          checkpointing.save(manager, step, state, config, eval_metrics)
         except (FloatingPointError, checkpointing.CheckpointError):
           raise
         except Exception as e:  # noqa: BLE001  (a synchronous save fails here)
@@ -551,7 +552,7 @@ def evaluate_checkpoint(config: Any, workdir: str, which: str | None = None) -> 
   manager = checkpointing.create_manager(workdir, config, training=False)
   try:
     state = checkpointing.restore(
-        manager, replicate_state(create_train_state(config, model, tx), steps), which)
+        manager, place_state(create_train_state(config, model, tx), steps), which)
   finally:
     manager.close()
   if state is None:

@@ -52,7 +52,7 @@ def main():
   model = training.create_model_from_config(config, CLASSES)
   tx = training.optim.create_optimizer(config, 10, STEPS)
   steps = training.make_steps(mode, model, tx, model_parallel=2 if mode == "hybrid" else 1)
-  state = training.replicate_state(training.create_train_state(config, model, tx), steps)
+  state = training.place_state(training.create_train_state(config, model, tx), steps)
   for step in range(STEPS):
     batch = jax.tree_util.tree_map(steps.put, local_rows(global_batch(step), steps.layout))
     state, metrics = steps.train(state, batch)

@@ -322,7 +322,7 @@ def test_a_non_finite_state_is_never_saved(tmp_path):
   params["fc2"]["kernel"][3, 4] = np.nan
   manager = checkpointing.create_manager(str(tmp_path), config)
   with pytest.raises(FloatingPointError, match=r"NaN or inf at step 3.*none \(no checkpoint"):
-    checkpointing.save(manager, 3, state.replace(params=params), {}, config)
+    checkpointing.save(manager, 3, state.replace(params=params), config)
   manager.close()
   assert manager.latest_step() is None
 

@@ -8,7 +8,7 @@ from jax import lax
 
 from alexnet_jax import create_model, ops
 from alexnet_jax.optim import create_optimizer
-from alexnet_jax.training import create_train_state, make_steps, replicate_state
+from alexnet_jax.training import create_train_state, make_steps, place_state
 from configs import default
 
 
@@ -63,7 +63,7 @@ def test_the_library_steps_compile_with_the_options(mode):
   config = default.get_config()
   tx = create_optimizer(config, 10, 10)
   steps = make_steps(mode, model, tx, devices=jax.devices()[:1])
-  state = replicate_state(create_train_state(config, model, tx), steps)
+  state = place_state(create_train_state(config, model, tx), steps)
   rows = (1, 2) if mode == "pmap" else (2,)
   batch = {"image": np.zeros(rows + (model.input_size, model.input_size, model.in_channels),
                              np.float32),

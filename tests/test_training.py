@@ -65,7 +65,7 @@ def test_every_variant_trains_a_few_steps(variant):
            "label": rng.integers(0, 10, 2).astype(np.int32)}
   before = jax.device_get(state.params)
   losses = []
-  state = training.replicate_state(state, steps)
+  state = training.place_state(state, steps)
   for _ in range(2):
     state, metrics = steps.train(state, jax.tree_util.tree_map(steps.put, batch))
     losses.append(float(metrics["train_loss"]))
@@ -231,7 +231,7 @@ def test_pmap_jit_hybrid_and_one_device_give_the_same_parameters():
         tx = training.optim.create_optimizer(config, 89, 5)
         steps = training.make_steps(mode, model, tx, devices=devices,
                                     model_parallel=model_parallel)
-        state = training.replicate_state(training.create_train_state(config, model, tx), steps)
+        state = training.place_state(training.create_train_state(config, model, tx), steps)
         src, _ = training.create_sources(config)
         it = training.ip.TrainIterator(src, training.create_preprocess(config), 16,
                                        layout=steps.layout)
