@@ -1,6 +1,8 @@
 import pytest
 
-from alexnet_jax import VARIANTS, parity
+pytest.importorskip("torch", reason="parity is measured against PyTorch")
+
+from alexnet_jax import VARIANTS, parity  # noqa: E402
 
 
 @pytest.mark.parametrize("case", [c for v in VARIANTS for c in parity.default_cases(v)],
