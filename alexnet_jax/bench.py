@@ -196,8 +196,8 @@ def bench_train(variant: str, batch: int, rounds: int = 5, iters: int = 3, warmu
       "jax_backend": jax.default_backend(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
       # A shared VM's noise shows as spread between rounds (docs/performance.md).
       "rounds_train_ips": train_rounds, "rounds_fwd_ips": fwd_rounds,
-      "compiler_options": ops.compiler_options(), "cpu_winograd": winograd,
-      "cpu_eval_chunk": model.impl.chunk(model, x.shape),
+      "compiler_options": ops.compiler_options(), "winograd": winograd,
+      "eval_chunk": model.impl.chunk(model, x.shape),
   })
   if "torch_compile" in train:
     result["torch_compile_train_ips"] = train["torch_compile"]
@@ -343,8 +343,8 @@ def _print_train(variant: str, batch: int, r: dict[str, Any]) -> None:
   print(f"{variant}, batch {batch}, fp32, jax backend {r['jax_backend']}, torch threads "
         f"{r['torch_threads']}, XLA_FLAGS={r['xla_flags'] or '(none)'}, compiler options "
         f"{r['compiler_options'] or '(none)'}, CPU convolutions "
-        f"{'Winograd where faster' if r['cpu_winograd'] else 'direct'}, CPU eval forward "
-        f"{'whole' if r['cpu_eval_chunk'] == batch else 'by %d images' % r['cpu_eval_chunk']}")
+        f"{'Winograd where faster' if r['winograd'] else 'direct'}, CPU eval forward "
+        f"{'whole' if r['eval_chunk'] == batch else 'by %d images' % r['eval_chunk']}")
   compiled = r.get("torch_compile_train_ips")
   print(f"{'':<22}{'alexnet-jax':>12}{'torch NCHW':>12}{'torch NHWC':>12}{'ratio':>7}"
         + (f"{'torch.compile':>15}{'ratio':>7}" if compiled else ""))

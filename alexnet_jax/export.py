@@ -77,9 +77,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     exported = export(model, params, args.platforms, args.batch)
     data = exported.serialize()
     tmp = f"{args.out}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-      f.write(data)
-    os.replace(tmp, args.out)
+    try:
+      with open(tmp, "wb") as f:
+        f.write(data)
+      os.replace(tmp, args.out)
+    finally:
+      if os.path.exists(tmp):
+        os.remove(tmp)
   except (ValueError, OSError, ImportError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

@@ -34,13 +34,13 @@ import functools
 import math
 import os
 import textwrap
+import warnings
 import zlib
 from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import numpy as np
 import tensorflow as tf
-import tensorflow_datasets as tfds
 
 from alexnet_jax import augment
 
@@ -62,11 +62,21 @@ LAYOUTS = ("pmap", "jit")
 @functools.cache
 def keep_tf_off_gpus() -> None:
   """Hides every GPU from TensorFlow, so that it leaves their memory to JAX. Called before the
-  pipeline's first TensorFlow op; too late (TensorFlow already ran ops) it changes nothing."""
+  pipeline's first TensorFlow op (and before TFDS is imported); too late, it warns."""
   try:
     tf.config.set_visible_devices([], "GPU")
-  except RuntimeError:  # "Visible devices cannot be modified after being initialized"
-    pass
+  except RuntimeError as e:  # "Visible devices cannot be modified after being initialized"
+    if tf.config.list_physical_devices("GPU"):
+      warnings.warn(f"TensorFlow already uses the GPUs and may hold their memory: {e}. Build "
+                    "the input pipeline before other TensorFlow code runs", stacklevel=2)
+
+
+def _tfds():
+  keep_tf_off_gpus()
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  return tfds
+
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 DIGITS_SIDE = 28
 DIGITS_TEST_FRACTION = 0.2
@@ -242,7 +252,7 @@ def _count_examples(builder: tfds.core.DatasetBuilder, split: str) -> int:
   try:
     return builder.info.splits[split].num_examples
   except (KeyError, ValueError):  # no metadata (e.g. tfds.testing.mock_data): count the records
-    ds = builder.as_dataset(split=split, decoders={"image": tfds.decode.SkipDecoding()})
+    ds = builder.as_dataset(split=split, decoders={"image": _tfds().decode.SkipDecoding()})
     return int(ds.reduce(0, lambda n, _: n + 1))
 
 
@@ -274,7 +284,7 @@ def tfds_source(name: str, split: str, *, data_dir: str | None = None,
   buffer of ``shuffle_buffer / n`` for ``n`` parts, so that the memory it takes over all parts
   (all processes) is one ``shuffle_buffer`` of encoded images.
   """
-  keep_tf_off_gpus()
+  tfds = _tfds()
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:  # its message lists every dataset

@@ -246,7 +246,8 @@ class AlexNet(nn.Module):
                            kernel_init=kernel_init, bias_init=bias_init,
                            conv_general_dilated=conv, dtype=self.dtype,
                            param_dtype=self.param_dtype, name=name))
-    sown = self.is_mutable_collection("intermediates")
+    # Kept only when asked for, not by init (which makes every collection mutable).
+    sown = self.is_mutable_collection("intermediates") and not self.is_initializing()
     activations = {}
 
     def stack(apply_conv, x):

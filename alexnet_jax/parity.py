@@ -129,7 +129,7 @@ def _torch_path(net: torch.nn.Module, x: np.ndarray) -> tuple[list, list]:
   return weighted[:-1], pool_inputs
 
 
-def _flax_path(model: AlexNet) -> Callable[[Any, np.ndarray], tuple[np.ndarray, list, list]]:
+def _flax_path(model: AlexNet) -> Callable[[Any, np.ndarray], tuple[list, list]]:
   """Same as ``_torch_path`` for the Flax model (pool inputs as NCHW torch tensors).
 
   Compiled as the compared gradients are: op-by-op dispatch would use other kernels, whose
@@ -137,24 +137,23 @@ def _flax_path(model: AlexNet) -> Callable[[Any, np.ndarray], tuple[np.ndarray, 
   """
   @functools.partial(jax.jit, compiler_options=ops.compiler_options())
   def path(params, x):
-    logits, state = model.apply({"params": params}, x, mutable=["intermediates"])
+    _, state = model.apply({"params": params}, x, mutable=["intermediates"])
     acts = state["intermediates"]["activations"]
     # After the ReLU (and LRN, which keeps signs): positive exactly where the layer's output is.
     convs = [acts[f"conv{i + 1}"] for i in range(len(model.conv_features))]
     pool_inputs = [a for a, pool in zip(convs, model.pool_after) if pool]
-    return logits, convs + [acts["fc1"], acts["fc2"]], pool_inputs
+    return convs + [acts["fc1"], acts["fc2"]], pool_inputs
 
   def as_numpy(params, x):
-    logits, hidden, pool_inputs = path(params, x)
-    return (np.asarray(logits), [np.asarray(h) for h in hidden],
-            [_nchw(np.asarray(a)) for a in pool_inputs])
+    hidden, pool_inputs = path(params, x)
+    return [np.asarray(h) for h in hidden], [_nchw(np.asarray(a)) for a in pool_inputs]
   return as_numpy
 
 
 def _same_path(model: AlexNet, flax_path: Callable, params: Any, net: torch.nn.Module,
                x: np.ndarray) -> bool:
   """True when both frameworks switch the same ReLUs on and pick the same max-pool winners."""
-  (_, hidden_a, pools_a), (hidden_b, pools_b) = flax_path(params, x), _torch_path(net, x)
+  (hidden_a, pools_a), (hidden_b, pools_b) = flax_path(params, x), _torch_path(net, x)
   if any(not np.array_equal(a > 0, b > 0) for a, b in zip(hidden_a, hidden_b)):
     return False
   window, stride = model.pool_window, model.pool_stride
@@ -172,6 +171,7 @@ def run_case(case: Case, batch: int = 4, steps: int = 10, seed: int = 0) -> list
                                   params_from_torch(net.state_dict(), case.variant, **overrides))
   rng = np.random.default_rng(seed)
   jit = functools.partial(jax.jit, compiler_options=ops.compiler_options())  # as the steps
+  apply = jit(lambda p, x: model.apply({"params": p}, x))  # the default eval forward
   flax_path = _flax_path(model)
   rows = []
 
@@ -179,7 +179,7 @@ def run_case(case: Case, batch: int = 4, steps: int = 10, seed: int = 0) -> list
     x = rng.standard_normal((batch, size, size, model.in_channels), np.float32)
     with torch.no_grad():
       ref = net(_nchw(x)).numpy()
-    out = flax_path(params, x)[0]
+    out = np.asarray(apply(params, x))
     diff = float(np.abs(out - ref).max())
     rows.append(Row(case.label, f"logits {size}x{size}", "logits", diff,
                     diff / float(np.abs(ref).max()), LOGITS_TOL))

@@ -4,8 +4,11 @@
 
 Folders are searched recursively for images. ``--weights`` takes published weights' name
 (``torchvision``, downloaded once: ``alexnet_jax.pretrained``) or a ``.pth``/``.msgpack`` file
-or Orbax checkpoint of ``--variant``. An unreadable file gets an ``error:`` line and the others
-go on; the exit status is then 1. Needs the ``train`` extra (TensorFlow decodes the images).
+or Orbax checkpoint of ``--variant`` trained on ImageNet-normalised input: the images are resized
+to 256/224 of the input side, centre-cropped and normalised with ImageNet's mean and std. With
+1000 classes the output names ImageNet's classes, otherwise their indices. An unreadable file
+gets an ``error:`` line and the others go on; the exit status is then 1. Needs the ``train``
+extra (TensorFlow decodes the images).
 """
 
 from __future__ import annotations
@@ -121,24 +124,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="published weights' name (torchvision) or a .pth/.msgpack file or "
                            "Orbax checkpoint (default: %(default)s)")
   parser.add_argument("--variant", default="alexnet", choices=VARIANTS)
-  parser.add_argument("--num-classes", type=int, default=1000,
-                      help="classifier outputs of the weights (default: %(default)s, ImageNet's)")
+  parser.add_argument("--num-classes", type=int,
+                      help="classifier outputs of the weights, if not the variant's")
   parser.add_argument("--topk", type=int, default=5, help="classes per image (default: 5)")
   parser.add_argument("--batch", type=int, default=16, help="images per forward (default: 16)")
   parser.add_argument("--json", action="store_true", help="print one JSON list instead")
   args = parser.parse_args(argv)
-  if args.topk < 1 or args.batch < 1 or args.num_classes < 1:
+  if args.topk < 1 or args.batch < 1 or (args.num_classes or 1) < 1:
     parser.error("--topk, --batch and --num-classes must be >= 1")
+  overrides = {} if args.num_classes is None else {"num_classes": args.num_classes}
   try:
     files = find_images(args.paths)
     if not files:
       raise ValueError(f"no images in {', '.join(args.paths)}")
-    model = create_model(args.variant, num_classes=args.num_classes)
+    model = create_model(args.variant, **overrides)
     params = pretrained.load_weights(args.weights, model, args.variant, what="--weights")
   except (ValueError, OSError, ImportError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  names = class_names() if args.num_classes == 1000 else None
+  names = class_names() if model.num_classes == 1000 else None
   name = lambda k: names[k] if names else f"class {k}"
   results, failed = [], 0
   for path, top in predict(files, model, params, args.topk, args.batch):

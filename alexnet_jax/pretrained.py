@@ -12,11 +12,11 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import hashlib
+import http.client
 import os
 import re
 import sys
 import time
-import urllib.error
 import urllib.request
 from typing import Any, Mapping
 
@@ -100,9 +100,13 @@ def save_params(path: str, params: Any) -> None:
   data = serialization.msgpack_serialize(
       {layer: {k: np.asarray(v) for k, v in sub.items()} for layer, sub in params.items()})
   tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)
+  try:
+    with open(tmp, "wb") as f:
+      f.write(data)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
 
 
 def load_params(path: str) -> dict:
@@ -193,7 +197,7 @@ def _convert(entry: Published, folder: str, converted: str, progress: bool) -> N
     source = os.path.join(folder, f"{entry.filename}.part-{os.getpid()}")
     try:
       _download(entry.url, source, progress)
-    except (OSError, urllib.error.URLError) as e:
+    except (OSError, http.client.HTTPException) as e:  # URLError is an OSError
       reason = getattr(e, "reason", None) or e
       raise OSError(f"cannot download {entry.url} ({reason}). Offline, put that file at "
                     f"{placed[1]} or {placed[0]} and load again") from e
@@ -249,8 +253,8 @@ def match_model(params: Mapping[str, Any], model: AlexNet, source: str, *,
     if not replace_head:
       raise ValueError(
           f"{source} has a {shape(params['fc3'])['kernel'][1]}-class head, the model "
-          f"{model.num_classes} classes; set config.init_replace_head=True (replace_head) to "
-          "start the head afresh")
+          f"{model.num_classes} classes; to start the head afresh, set "
+          "config.init_replace_head=True (load_weights: replace_head=True)")
     params["fc3"] = init_params(model, jax.random.PRNGKey(seed))["fc3"]
   return params
 
@@ -288,5 +292,8 @@ def load_weights(source: str, model: AlexNet, variant: str, *, replace_head: boo
     params = load_params(source)
   else:
     from alexnet_jax import checkpointing  # pylint: disable=import-outside-toplevel
-    params = checkpointing.restore_params(source)
+    try:
+      params = checkpointing.restore_params(source)
+    except checkpointing.CheckpointError as e:
+      raise ValueError(f"{label}: {e}") from e
   return match_model(params, model, label, replace_head=replace_head, seed=seed)

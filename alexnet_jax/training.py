@@ -27,9 +27,10 @@ from alexnet_jax.metric_log import MetricLogger
 from alexnet_jax.models import AlexNet, create_model, init_params
 
 AXIS = "data"
-# What a user can fix (settings, files, a damaged checkpoint, a full disk, a diverged run): a
-# command line reports these in one line.
-USER_ERRORS = (ValueError, OSError, FloatingPointError, checkpointing.CheckpointError)
+# What a user can fix (settings, files, a damaged checkpoint, a full disk, a diverged run, a
+# missing extra): a command line reports these in one line.
+USER_ERRORS = (ValueError, OSError, FloatingPointError, ImportError,
+               checkpointing.CheckpointError)
 MODEL_AXIS = "model"  # hybrid mode's second mesh axis, over which the dense layers are split
 PARALLEL_MODES = ("pmap", "jit", "hybrid")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}

@@ -37,7 +37,7 @@ def test_bench_train_reports_both_frameworks(tmp_path, capsys, monkeypatch):
   # Winograd (conv2-conv5 on CPU) executes fewer FLOPs than the model's direct convolutions.
   assert 0 < result["executed_train_gflop_per_image"] < result["train_gflop_per_image"]
   # The eval forward runs 2 chunks of 4 images; its FLOPs still count all 8 (a step is ~3 forwards).
-  assert result["cpu_eval_chunk"] == 4
+  assert result["eval_chunk"] == 4
   assert 2 < result["train_gflop_per_image"] / result["fwd_gflop_per_image"] < 4
   printed = capsys.readouterr().out
   assert "train step, img/s" in printed and "measured fp32 matmul" in printed

@@ -61,7 +61,7 @@ def test_init_statistics(init):
     assert np.isclose(k.std(), np.sqrt(2 / (384 * 9)), rtol=0.05)
 
 
-def test_cpu_winograd_and_direct_convolutions_agree_with_gradients(monkeypatch):
+def test_winograd_and_direct_convolutions_agree_with_gradients(monkeypatch):
   monkeypatch.setattr(ops, "WINOGRAD_MIN_TILES", 1)  # a batch of 2 small images
   rng = np.random.default_rng(0)
   x = rng.standard_normal((2, 28, 28, 1), np.float32)
@@ -113,7 +113,7 @@ def test_cpu_eval_forward_runs_the_conv_stack_by_chunks(monkeypatch):
       np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())
 
 
-def test_cpu_eval_chunk_default_keeps_conv1_output_near_the_budget():
+def test_the_default_eval_chunk_keeps_conv1_output_near_the_budget():
   alexnet, small = A.create_model("alexnet"), A.create_model("alexnet_small")
   chunk = lambda impl, model, shape: impl.chunk(model, shape)
   # torchvision's AlexNet: conv1's output is 55x55x64 fp32, 774 KB an image
@@ -161,6 +161,7 @@ def test_features_by_num_classes_0_flat_features_and_named_activations(tmp_path)
   np.testing.assert_allclose(penultimate @ params["fc3"]["kernel"] + params["fc3"]["bias"],
                              logits, rtol=1e-5, atol=1e-6)
   assert set(A.init_params(features, jax.random.key(0))) == set(without_head)
+  assert set(full.init(jax.random.key(0), x)) == {"params"}  # init keeps no activations
   flat = full.apply({"params": params}, x, method="flat_features")
   assert flat.shape == (2, 8 * 6 * 6)
   np.testing.assert_allclose(flat.reshape(2, 6, 6, 8)[:, 0, 0], acts["pool3"][:, 0, 0])
