@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import argparse
 import ast
+import io
 import os
 import sys
 from typing import Any, Sequence
 
 from alexnet_jax.models import VARIANTS, count_params
-from alexnet_jax.pretrained import FLAX_SUFFIXES, TORCH_SUFFIXES, load_params, save_params
+from alexnet_jax.pretrained import (FLAX_SUFFIXES, TORCH_SUFFIXES, load_params, save_params,
+                                    write_atomically)
 
 
 def _parse_setting(text: str) -> tuple[str, Any]:
@@ -44,10 +46,9 @@ def convert(src: str, dst: str, variant: str, overrides: dict[str, Any]) -> str:
     import torch  # pylint: disable=import-outside-toplevel
 
     params = load_params(src)
-    state_dict = torch_interop.params_to_torch(params, variant, **overrides)
-    tmp = f"{dst}.tmp-{os.getpid()}"
-    torch.save(state_dict, tmp)
-    os.replace(tmp, dst)
+    buffer = io.BytesIO()
+    torch.save(torch_interop.params_to_torch(params, variant, **overrides), buffer)
+    write_atomically(dst, buffer.getvalue())
   else:
     raise ValueError(f"cannot tell the direction from {src!r} -> {dst!r}: convert "
                      f"{'/'.join(TORCH_SUFFIXES)} -> {'/'.join(FLAX_SUFFIXES)} or back")

@@ -11,7 +11,6 @@ the batch size symbolic. Load it with ``jax.export.deserialize(open(FILE, "rb").
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Any, Sequence
 
@@ -76,14 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     params = pretrained.load_weights(args.weights, model, args.variant, what="--weights")
     exported = export(model, params, args.platforms, args.batch)
     data = exported.serialize()
-    tmp = f"{args.out}.tmp-{os.getpid()}"
-    try:
-      with open(tmp, "wb") as f:
-        f.write(data)
-      os.replace(tmp, args.out)
-    finally:
-      if os.path.exists(tmp):
-        os.remove(tmp)
+    pretrained.write_atomically(args.out, data)
   except (ValueError, OSError, ImportError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

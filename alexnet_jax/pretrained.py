@@ -95,10 +95,8 @@ def torch_hub_dir() -> str:
 # Flax msgpack params.
 
 
-def save_params(path: str, params: Any) -> None:
-  """Writes a Flax param tree to ``path`` (msgpack) atomically: a failure leaves no partial file."""
-  data = serialization.msgpack_serialize(
-      {layer: {k: np.asarray(v) for k, v in sub.items()} for layer, sub in params.items()})
+def write_atomically(path: str, data: bytes) -> None:
+  """Writes ``data`` to ``path`` through a temporary file: a failure leaves no partial file."""
   tmp = f"{path}.tmp-{os.getpid()}"
   try:
     with open(tmp, "wb") as f:
@@ -107,6 +105,12 @@ def save_params(path: str, params: Any) -> None:
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
+
+
+def save_params(path: str, params: Any) -> None:
+  """Writes a Flax param tree to ``path`` (msgpack) atomically: a failure leaves no partial file."""
+  write_atomically(path, serialization.msgpack_serialize(
+      {layer: {k: np.asarray(v) for k, v in sub.items()} for layer, sub in params.items()}))
 
 
 def load_params(path: str) -> dict:
@@ -265,8 +269,7 @@ def _torch_params(path: str, model: AlexNet, variant: str) -> dict:
   state_dict = torch_interop.load_torch_state_dict(path)
   naming = torch_interop.torch_naming(variant)
   # The file's own class count, so that only the head can differ.
-  head = torch_interop.torch_layer_names(model.clone(num_classes=1), naming)["fc3"]
-  weight = state_dict.get(f"{head}.weight")
+  weight = state_dict.get(f"{torch_interop.head_prefix(model, naming)}.weight")
   classes = int(weight.shape[0]) if weight is not None else model.num_classes
   return torch_interop.state_dict_to_params(state_dict, model.clone(num_classes=classes), naming)
 

@@ -50,6 +50,11 @@ def torch_layer_names(model: AlexNet, naming: str) -> dict[str, str]:
   return names
 
 
+def head_prefix(model: AlexNet, naming: str) -> str:
+  """The PyTorch prefix of the classifier head (fc3), also for a ``num_classes=0`` model."""
+  return torch_layer_names(model.clone(num_classes=1), naming)["fc3"]
+
+
 def _expected_torch_shapes(model: AlexNet, naming: str) -> dict[str, tuple[int, ...]]:
   channels = (model.in_channels,) + tuple(model.conv_features)
   h, w = model.flatten_hw
@@ -131,7 +136,7 @@ def state_dict_to_params(state_dict: Mapping[str, Any], model: AlexNet, naming: 
   expected = _expected_torch_shapes(model, naming)
   arrays = {k: _to_numpy(v) for k, v in state_dict.items()}
   if not model.num_classes:  # a feature extractor: the file's head is not wanted
-    head = torch_layer_names(model.clone(num_classes=1), naming)["fc3"]
+    head = head_prefix(model, naming)
     arrays = {k: v for k, v in arrays.items() if k not in (f"{head}.weight", f"{head}.bias")}
   _check_keys_and_shapes(what,
                          {k: v.shape for k, v in arrays.items()}, expected,
