@@ -250,8 +250,6 @@ def _save_jpeg(folder: str, i: int, classes: int, image: Any) -> None:
 
 
 FILE_KINDS = {"photos": write_photo_jpegs, "synthetic": write_jpegs}
-DATA_PIPELINES = ("decode", "train:paper", "train:torchvision", "train:small",
-                  "train:small_noflip", "eval:center_crop", "eval:ten_crop")
 
 
 def _cores() -> int:
@@ -260,30 +258,34 @@ def _cores() -> int:
 
 def _data_pipelines(folder: str, batch: int) -> dict[str, Callable[[], Iterator[Any]]]:
   """Each pipeline of ``bench data`` as a function that starts a fresh iterator over ``folder``."""
-  import tensorflow as tf
+  import concurrent.futures
 
-  from alexnet_jax import input_pipeline as ip
+  from alexnet_jax.data import host, loader, sources
 
-  source = ip.folder_source(folder, "train")
+  source = sources.FolderSource(folder, "train")
 
-  def decode():  # the limit: read and decode each whole file, nothing else
-    ds = tf.data.Dataset.from_tensor_slices(list(source.files)).repeat()
-    ds = ds.map(lambda f: tf.shape(tf.io.decode_jpeg(tf.io.read_file(f), channels=3)),
-                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ip._with_options(ds.batch(batch).prefetch(tf.data.AUTOTUNE)).as_numpy_iterator()
+  def decode():  # the limit: read and decode each whole file, nothing else, on every core
+    def read_and_decode(i):
+      return host.decode(source[i % len(source)][0], 3).shape
+
+    with concurrent.futures.ThreadPoolExecutor(_cores()) as pool:
+      start = 0
+      while True:
+        yield list(pool.map(read_and_decode, range(start, start + batch)))
+        start += batch
 
   def train(preset):
-    return lambda: ip.TrainIterator(source, ip.Preprocess(train_preset=preset), batch, seed=0)
+    return lambda: loader.TrainLoader(source, host.Preprocess(train_preset=preset), batch)
 
   def evaluate(preset):
     def batches():
       while True:  # eval reads the folder once: start again at its end
-        yield from ip.eval_batches(source, ip.Preprocess(eval_preset=preset), batch)
+        yield from loader.eval_batches(source, host.Preprocess(eval_preset=preset), batch)
     return batches
 
   pipelines = {"decode": decode}
-  pipelines.update({f"train:{p}": train(p) for p in ip.TRAIN_PRESETS})
-  pipelines.update({f"eval:{p}": evaluate(p) for p in ip.EVAL_PRESETS if p != "small"})
+  pipelines.update({f"train:{p}": train(p) for p in host.TRAIN_PRESETS})
+  pipelines.update({f"eval:{p}": evaluate(p) for p in host.EVAL_PRESETS if p != "small"})
   return pipelines
 
 

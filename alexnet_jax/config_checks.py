@@ -21,7 +21,7 @@ from alexnet_jax.optim import _is_int, _is_real  # the optimizer fields' own che
 RESUME_SAFE = frozenset({
     "log_every_steps", "eval_every_steps", "eval_every_epochs", "checkpoint_every_steps",
     "keep_checkpoints", "async_checkpointing", "tensorboard", "eval_checkpoint", "halt_at_step",
-    "prefetch", "eval_batch_size", "parallel", "model_parallel", "data_dir", "manual_dir",
+    "prefetch", "data_threads", "data_workers", "eval_batch_size", "parallel", "model_parallel", "data_dir", "manual_dir",
     "init_from", "init_replace_head", "allow_config_change"})
 # The plateau schedule is driven by the evaluations, so for it these change the run.
 PLATEAU_INPUTS = frozenset({"eval_every_steps", "eval_every_epochs", "eval_batch_size"})
@@ -33,8 +33,8 @@ LENGTH_SCHEDULES = ("cosine",)
 # field: the smallest valid value; None means "-1 (unset) or at least 1".
 _INTS = {"batch_size": 1, "eval_batch_size": 0, "log_every_steps": 1, "eval_every_steps": 0,
          "checkpoint_every_steps": 0, "keep_checkpoints": 1, "prefetch": 1, "image_size": 1,
-         "resize_size": 1, "pad": 0, "model_parallel": 1, "data_shards": 1, "seed": 0,
-         "num_train_steps": None, "halt_at_step": None}
+         "resize_size": 1, "pad": 0, "model_parallel": 1, "data_threads": 0, "data_workers": 0,
+         "seed": 0, "num_train_steps": None, "halt_at_step": None}
 _REALS = {"eval_every_epochs": 0.0}
 _BOOLS = ("skip_bad_images", "async_checkpointing", "tensorboard", "init_replace_head",
           "allow_config_change")

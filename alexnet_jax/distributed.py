@@ -2,7 +2,7 @@
 
 Every process runs the same program on its own devices; ``jax.distributed.initialize`` connects
 them through a coordinator (process 0) before JAX touches any device. After that the code is the
-same as on one host: data is read per process (``input_pipeline``), steps are compiled over all
+same as on one host: data is read per process (``data.loader``), steps are compiled over all
 devices of all processes (``training.make_steps``) and only process 0 logs.
 
 JAX's runtime also watches the processes: when one stops sending heartbeats for

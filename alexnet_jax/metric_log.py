@@ -11,8 +11,9 @@ drops the lines the interrupted run wrote after step ``k``, so the file has no s
 TensorBoard's event files are append-only and are left alone: TensorBoard itself discards the
 orphaned points when it reads steps going backwards.
 
-TensorFlow (whose ``tf.summary`` needs the ``tensorboard`` package) is imported only when the first
-scalar is written, so importing this module, or logging with ``tensorboard=False``, stays light.
+The TensorBoard writer (``tensorboardX``: event files without TensorFlow) is imported only when
+the first scalar is written, so importing this module, or logging with ``tensorboard=False``,
+stays light.
 """
 
 from __future__ import annotations
@@ -96,14 +97,8 @@ class MetricLogger:
 
   def _tb(self):
     if self._tb_writer is None:
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top
-      try:
-        # TF must not take GPU memory from JAX (a no-op for tensorflow-cpu).
-        tf.config.set_visible_devices([], "GPU")
-      except RuntimeError:
-        pass  # TF is already initialized, e.g. by the input pipeline, which hides GPUs itself.
-      self._tb_writer = tf.summary.create_file_writer(
-          os.path.join(self.workdir, TENSORBOARD_DIR))
+      from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+      self._tb_writer = SummaryWriter(os.path.join(self.workdir, TENSORBOARD_DIR))
     return self._tb_writer
 
   def write(self, step: int, metrics: Mapping[str, float]) -> None:
@@ -120,11 +115,9 @@ class MetricLogger:
     f.flush()
     os.fsync(f.fileno())
     if self.tensorboard and values:
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top
       writer = self._tb()
-      with writer.as_default(step=step):
-        for k, v in values.items():
-          tf.summary.scalar(k, v)
+      for k, v in values.items():
+        writer.add_scalar(k, v, step)
       writer.flush()
 
   def resume_at(self, step: int) -> None:

@@ -8,7 +8,7 @@ or Orbax checkpoint of ``--variant`` trained on ImageNet-normalised input: the i
 to 256/224 of the input side, centre-cropped and normalised with ImageNet's mean and std. With
 1000 classes the output names ImageNet's classes, otherwise their indices. An unreadable file
 gets an ``error:`` line and the others go on; the exit status is then 1. Needs the ``train``
-extra (TensorFlow decodes the images).
+extra (the image decoders).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def class_names() -> list[str]:
 
 def find_images(paths: Sequence[str]) -> list[str]:
   """Files as given, and the images under each folder (sorted); a missing path is a ValueError."""
-  from alexnet_jax.input_pipeline import IMAGE_EXTENSIONS  # pylint: disable=import-outside-toplevel
+  from alexnet_jax.data.sources import IMAGE_EXTENSIONS  # pylint: disable=import-outside-toplevel
 
   files = []
   for path in paths:
@@ -52,27 +52,26 @@ def find_images(paths: Sequence[str]) -> list[str]:
 
 def _decoded(files: Sequence[str], preprocess: Any) -> Iterator[tuple[str, Any]]:
   """(file, uint8 image) or (file, the reason it cannot be read), in order."""
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  from alexnet_jax.data import host  # pylint: disable=import-outside-toplevel
 
   for path in files:
     try:
       with open(path, "rb") as f:
-        image = preprocess.eval(tf.constant(f.read()), encoded=True).numpy()
-    except (OSError, tf.errors.OpError) as e:
-      reason = (getattr(e, "message", None) or str(e)).strip().splitlines()[0][:160]
-      image = f"cannot read it as an image ({reason})"
+        image = preprocess.eval(f.read())
+    except (OSError, host.DecodeError) as e:
+      image = f"cannot read it as an image ({e})"
     yield path, image
 
 
 def _preprocess(model: AlexNet):
-  from alexnet_jax import input_pipeline as ip  # pylint: disable=import-outside-toplevel
+  from alexnet_jax.data import host  # pylint: disable=import-outside-toplevel
 
   # torchvision's eval: shorter side to 256/224 of the input, centre crop, ImageNet mean/std.
   size = model.input_size
-  return ip.Preprocess(eval_preset="center_crop", image_size=size,
-                       resize_size=round(size * 256 / 224), channels=model.in_channels,
-                       mean=ip.IMAGENET_MEAN[:model.in_channels],
-                       std=ip.IMAGENET_STD[:model.in_channels])
+  return host.Preprocess(eval_preset="center_crop", image_size=size,
+                         resize_size=round(size * 256 / 224), channels=model.in_channels,
+                         mean=host.IMAGENET_MEAN[:model.in_channels],
+                         std=host.IMAGENET_STD[:model.in_channels])
 
 
 def predict(files: Sequence[str], model: AlexNet, params: Any, topk: int = 5,

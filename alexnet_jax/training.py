@@ -22,7 +22,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from alexnet_jax import checkpointing, config_checks, ops, optim, preemption, pretrained
-from alexnet_jax import input_pipeline as ip
+from alexnet_jax.data import host, loader, order, sources
 from alexnet_jax.metric_log import MetricLogger
 from alexnet_jax.models import AlexNet, create_model, init_params
 
@@ -104,7 +104,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: Alex
                axis_name: str = AXIS) -> tuple[TrainState, dict[str, jax.Array]]:
   """One SGD step on this device's part of the batch; gradients are averaged over ``axis_name``.
 
-  ``normalize`` turns the batch into the model's input (``augment.Normalize`` for the input
+  ``normalize`` turns the batch into the model's input (``data.device.Normalize`` for the input
   pipeline's uint8 batches); without it ``batch["image"]`` is the input."""
   dropout_rng = step_rng(state.rng, state.step, axis_name)
   images = normalize(batch) if normalize else batch["image"]
@@ -150,20 +150,21 @@ def eval_step(params: Any, batch: Mapping[str, jax.Array], *, model: AlexNet,
 
 
 # ----------------------------------------------------------------------------------------------
-# The two thin wrappers.
+# The thin wrappers (pmap, jit of shard_map, hybrid).
 
 
 @dataclasses.dataclass(frozen=True)
 class Steps:
   """Compiled steps for one parallel mode, and how host batches and the state reach the devices.
 
-  ``state_sharding(path, leaf)`` is where a leaf of the train state lives.
+  ``put`` takes an array of this process's rows of a global batch (as the loader yields them) to
+  the devices, in whatever layout the mode needs; ``state_sharding(path, leaf)`` is where a leaf
+  of the train state lives.
   """
   train: Callable
   eval: Callable
   put: Callable
   state_sharding: Callable
-  layout: str
   num_devices: int
 
 
@@ -173,8 +174,8 @@ def make_steps(mode: str, model: AlexNet, tx: optax.GradientTransformation, *,
                normalize: Callable[[Mapping[str, jax.Array]], jax.Array] | None = None) -> Steps:
   """``pmap``, ``jit(shard_map)`` or ``hybrid`` over ``devices`` (default: all of all processes).
 
-  Each process feeds its own rows: a leading axis of its local devices (pmap), or its slice of
-  the global batch (jit and hybrid, through ``jax.make_array_from_process_local_data``).
+  Each process feeds its own rows of the global batch; ``put`` splits them over its local
+  devices (a leading device axis for pmap, ``jax.make_array_from_process_local_data`` else).
   ``hybrid`` ("One weird trick"): the devices form a (data, model) mesh with ``model_parallel``
   devices on the model axis; the convolutions are data-parallel and the dense layers (and their
   optimizer state) are split over the model axis, which XLA partitions around the same body.
@@ -215,10 +216,11 @@ def make_steps(mode: str, model: AlexNet, tx: optax.GradientTransformation, *,
       train = _global_state_outputs(train, replicated)
     else:
       train, evaluate = _compiled_with(options, train), _compiled_with(options, evaluate)
+    per_device = lambda x: x.reshape((len(local), -1) + x.shape[1:])
     return Steps(
         train=train, eval=evaluate,
-        put=lambda x: jax.device_put(x, local_rows), state_sharding=lambda path, x: replicated,
-        layout="pmap", num_devices=mesh.size)
+        put=lambda x: jax.device_put(per_device(x), local_rows),
+        state_sharding=lambda path, x: replicated, num_devices=mesh.size)
   rows = NamedSharding(mesh, P(AXIS))
   # check_vma=False: with it on, grad() would psum the gradient of the replicated params on its
   # own, and the body's explicit pmean would then average a sum; off, the body runs exactly as
@@ -234,7 +236,7 @@ def make_steps(mode: str, model: AlexNet, tx: optax.GradientTransformation, *,
       train=jax.jit(train, donate_argnums=(0,), compiler_options=options),
       eval=jax.jit(wrap(eval_body, P()), compiler_options=options),
       put=lambda x: jax.make_array_from_process_local_data(rows, x),
-      state_sharding=state_sharding, layout="jit", num_devices=mesh.size)
+      state_sharding=state_sharding, num_devices=mesh.size)
 
 
 def _dense_split(mesh: Mesh, path: tuple, x: Any) -> NamedSharding:
@@ -296,37 +298,42 @@ def place_state(state: TrainState, steps: Steps) -> TrainState:
 # The job.
 
 
-def create_preprocess(config: Any) -> ip.Preprocess:
-  return ip.Preprocess(train_preset=config.train_preset, eval_preset=config.eval_preset,
+def create_preprocess(config: Any) -> host.Preprocess:
+  return host.Preprocess(train_preset=config.train_preset, eval_preset=config.eval_preset,
                        image_size=config.image_size, resize_size=config.resize_size,
                        channels=config.channels, pad=config.pad, mean=tuple(config.mean),
                        std=tuple(config.std))
 
 
-def create_source(config: Any, train: bool) -> ip.Source:
+def create_source(config: Any, train: bool) -> Any:
   """The config's train or eval split."""
-  return ip.create_source(config.dataset, config.train_split if train else config.eval_split,
+  return sources.create_source(config.dataset, config.train_split if train else config.eval_split,
                           data_dir=config.data_dir or None,
                           manual_dir=config.manual_dir or None,
                           skip_bad_images=config.skip_bad_images, image_size=config.image_size,
                           channels=config.channels)
 
 
-def create_sources(config: Any) -> tuple[ip.Source, ip.Source]:
+def create_sources(config: Any) -> tuple[Any, Any]:
   return create_source(config, train=True), create_source(config, train=False)
 
 
-def evaluate(steps: Steps, params: Any, source: ip.Source, preprocess: ip.Preprocess,
-             batch_size: int, prefetch: int = 2) -> dict[str, float]:
+def evaluate(steps: Steps, params: Any, source: Any, preprocess: host.Preprocess,
+             batch_size: int, prefetch: int = 2, threads: int | None = None, workers: int = 0
+             ) -> dict[str, float]:
   """Loss, top-1 and top-5 over every example of ``source`` exactly once."""
   totals = None
-  batches = ip.eval_batches(source, preprocess, batch_size, layout=steps.layout)
-  for batch in ip.prefetch_to_device(batches, prefetch, steps.put):
+  batches = loader.eval_batches(source, preprocess, batch_size, threads=threads, workers=workers)
+  for batch in loader.prefetch_to_device(batches, prefetch, steps.put):
     sums = steps.eval(params, batch)
     totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
   totals = jax.device_get(totals)
   count = float(totals.pop("count"))
   return {k: float(v) / count for k, v in totals.items()} | {"eval_count": count}
+
+
+def _loader_options(config: Any) -> dict[str, Any]:
+  return {"threads": config.data_threads or None, "workers": config.data_workers}
 
 
 def _num_train_steps(config: Any, steps_per_epoch: int) -> int:
@@ -350,9 +357,9 @@ def _progress(step: int, total: int, metrics: Mapping[str, float], start: float,
           f"{metrics['images_per_sec']:.0f} img/s  ETA {eta / 60:.1f} min")
 
 
-def _report_skipped(sources: tuple[ip.Source, ...], workdir: str) -> None:
+def _report_skipped(splits: tuple[Any, ...], workdir: str) -> None:
   """Lists the files ``skip_bad_images`` left out, on the console and in the workdir."""
-  skipped = [f for source in sources for f in source.skipped]
+  skipped = [f for source in splits for f in getattr(source, "skipped", ())]
   if not skipped or jax.process_index() != 0:  # every process checked, and skips, every file
     return
   path = os.path.join(workdir, "skipped_images.txt")
@@ -364,13 +371,13 @@ def _report_skipped(sources: tuple[ip.Source, ...], workdir: str) -> None:
         f"{shown}{more}", flush=True)
 
 
-def _check_batch_fits(config: Any, source: ip.Source) -> None:
-  ip.local_batch_size(config.batch_size)  # divides over the devices
-  if source.num_examples < config.batch_size:
+def _check_batch_fits(config: Any, source: Any) -> None:
+  loader.local_batch_size(config.batch_size)  # divides over the devices
+  if len(source) < config.batch_size:
     raise ValueError(
-        f"config.batch_size={config.batch_size} is larger than the {source.num_examples} "
+        f"config.batch_size={config.batch_size} is larger than the {len(source)} "
         f"examples of {source.name} split {source.split!r}: use a batch of at most "
-        f"{source.num_examples} or a larger split")
+        f"{len(source)} or a larger split")
 
 
 def train_and_evaluate(config: Any, workdir: str) -> TrainState:
@@ -386,7 +393,7 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainState:
   _check_batch_fits(config, train_source)
   preprocess = create_preprocess(config)
   model = create_model_from_config(config, train_source.num_classes)
-  steps_per_epoch = ip.steps_per_epoch(train_source, config.batch_size, config.data_shards)
+  steps_per_epoch = order.steps_per_epoch(len(train_source), config.batch_size)
   num_steps = _num_train_steps(config, steps_per_epoch)
   tx = optim.create_optimizer(config, steps_per_epoch, num_steps)
   steps = make_steps(config.parallel, model, tx, label_smoothing=config.label_smoothing,
@@ -424,7 +431,7 @@ def _initial_state(config: Any, model: AlexNet, tx: optax.GradientTransformation
 
 
 def _train(config: Any, workdir: str, state: TrainState, steps: Steps, manager: Any,
-           train_source: ip.Source, eval_source: ip.Source, preprocess: ip.Preprocess,
+           train_source: Any, eval_source: Any, preprocess: host.Preprocess,
            num_steps: int, steps_per_epoch: int) -> TrainState:
   """The training loop from ``state`` to ``num_steps`` (or ``halt_at_step``, or a signal)."""
   main_process = jax.process_index() == 0
@@ -435,10 +442,9 @@ def _train(config: Any, workdir: str, state: TrainState, steps: Steps, manager: 
   eval_every = _every(config.eval_every_steps, config.eval_every_epochs, steps_per_epoch)
   ckpt_every = _every(config.checkpoint_every_steps, 0, steps_per_epoch)
   halt = config.halt_at_step if config.halt_at_step > 0 else num_steps
-  train_iter = ip.TrainIterator(train_source, preprocess, config.batch_size, seed=config.seed,
-                                start_step=start_step, layout=steps.layout,
-                                num_shards=config.data_shards)
-  batches = ip.prefetch_to_device(train_iter, config.prefetch, steps.put)
+  train_iter = loader.TrainLoader(train_source, preprocess, config.batch_size, seed=config.seed,
+                                  start_step=start_step, **_loader_options(config))
+  batches = loader.prefetch_to_device(train_iter, config.prefetch, steps.put)
   if main_process:
     print(f"{config.model} on {config.dataset}: {num_steps} steps of {config.batch_size} "
           f"({steps_per_epoch} per epoch), {config.parallel} over {steps.num_devices} device(s)",
@@ -466,7 +472,8 @@ def _train(config: Any, workdir: str, state: TrainState, steps: Steps, manager: 
       eval_metrics = None
       if do_eval:
         eval_metrics = evaluate(steps, state.params, eval_source, preprocess,
-                                config.eval_batch_size or config.batch_size, config.prefetch)
+                                config.eval_batch_size or config.batch_size, config.prefetch,
+                                **_loader_options(config))
         log.write(step, eval_metrics)
         if main_process:
           print(f"eval at step {step}: loss {eval_metrics['eval_loss']:.4f}  "
@@ -559,7 +566,8 @@ def evaluate_checkpoint(config: Any, workdir: str, which: str | None = None) -> 
   if state is None:
     raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}")
   metrics = evaluate(steps, state.params, eval_source, preprocess,
-                     config.eval_batch_size or config.batch_size, config.prefetch)
+                     config.eval_batch_size or config.batch_size, config.prefetch,
+                     **_loader_options(config))
   if jax.process_index() == 0:
     print(f"{which} checkpoint (step {int(state.step)}): " +
           "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)

@@ -10,7 +10,7 @@ import dataclasses
 import ml_collections
 from ml_collections import config_dict
 
-from alexnet_jax import input_pipeline, optim
+from alexnet_jax import optim
 from alexnet_jax.models import SETTINGS, AlexNet
 
 
@@ -45,16 +45,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.mean = (0.5,)  # per channel, pixels in [0, 1]
   c.std = (0.5,)
   c.prefetch = 2  # batches kept in flight to the devices
-  # TFDS datasets are read as this many fixed shards, each global batch taking batch_size /
-  # data_shards rows from every shard, so that the data order is the same on any number of
-  # processes; it must be a multiple of the process count and divide batch_size. Folders and
-  # arrays are shuffled as a whole and ignore it.
-  c.data_shards = input_pipeline.DEFAULT_SHARDS
+  # Host work (read, decode, crop) per process: threads of the process (0 = one per core), and
+  # Grain worker processes beside it (0 = none). Neither changes the batches.
+  c.data_threads = 0
+  c.data_workers = 0
 
   # Optimisation (alexnet_jax.optim).
   c.batch_size = 32  # global, over all devices and processes
   c.eval_batch_size = 0  # 0 = batch_size
-  c.num_epochs = 6.0
+  c.num_epochs = 8.0
   c.num_train_steps = -1  # > 0 overrides num_epochs
   c.learning_rate = 0.05
   c.momentum = 0.9

@@ -32,13 +32,10 @@ from alexnet_jax import training  # noqa: E402
 GLOBAL_BATCH, STEPS, CLASSES = 8, 4, 10
 
 
-def local_rows(batch, layout):
-  """This process's rows of a global batch, in the layout the steps take."""
+def local_rows(batch):
+  """This process's rows of a global batch, as the loader yields them."""
   size = GLOBAL_BATCH // jax.process_count()
-  rows = {k: v[process_id * size:(process_id + 1) * size] for k, v in batch.items()}
-  if layout == "pmap":
-    rows = {k: v.reshape((jax.local_device_count(), -1) + v.shape[1:]) for k, v in rows.items()}
-  return rows
+  return {k: v[process_id * size:(process_id + 1) * size] for k, v in batch.items()}
 
 
 def global_batch(seed):
@@ -54,12 +51,12 @@ def main():
   steps = training.make_steps(mode, model, tx, model_parallel=2 if mode == "hybrid" else 1)
   state = training.place_state(training.create_train_state(config, model, tx), steps)
   for step in range(STEPS):
-    batch = jax.tree_util.tree_map(steps.put, local_rows(global_batch(step), steps.layout))
+    batch = jax.tree_util.tree_map(steps.put, local_rows(global_batch(step)))
     state, metrics = steps.train(state, batch)
   # 5 of the 8 rows are real: the sums must count each of them once over all processes.
   batch = global_batch(STEPS) | {"mask": np.arange(GLOBAL_BATCH) < 5}
   sums = steps.eval(state.params, jax.tree_util.tree_map(steps.put,
-                                                         local_rows(batch, steps.layout)))
+                                                         local_rows(batch)))
   params = jax.device_get(state.params)
   if jax.process_index() == 0:
     flat = {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-pytest.importorskip("tensorflow", reason="training needs the 'train' extra")
+pytest.importorskip("grain", reason="training needs the 'train' extra")
 
 from test_multihost import Processes  # noqa: E402
 from test_training import _assert_trees_equal, tiny_config  # noqa: E402
@@ -473,7 +473,7 @@ def test_convert_and_init_from_reject_malformed_files_in_one_line(tmp_path, caps
 
 
 def test_skip_bad_images_lists_what_it_skipped(tmp_path, capsys):
-  from test_input_pipeline import _write_folder
+  from test_data import _write_folder
   _write_folder(tmp_path / "data", bad=True)
   config = tiny_config(dataset=f"folder:{tmp_path / 'data'}", eval_split="val",
                        skip_bad_images=True, num_train_steps=1, channels=3,

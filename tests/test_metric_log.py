@@ -109,8 +109,8 @@ def test_import_does_not_load_tensorflow():
 
 
 def test_tensorboard_scalars(tmp_path):
-  pytest.importorskip("tensorflow", reason="TensorBoard logging needs the 'train' extra")
-  pytest.importorskip("tensorboard")
+  pytest.importorskip("tensorboardX", reason="TensorBoard logging needs the 'train' extra")
+  pytest.importorskip("tensorboard")  # the reader
   from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
   from tensorboard.util import tensor_util
 

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-pytest.importorskip("tensorflow", reason="training needs the 'train' extra")
+pytest.importorskip("grain", reason="training needs the 'train' extra")
 
 from test_training import _max_rel  # noqa: E402
 

@@ -128,7 +128,7 @@ def test_init_from_torchvision_and_predict_use_the_same_name(cached, tmp_path, c
                                        "alexnet variant, not alexnet_half"):
     training._initial_params(config, training.create_model_from_config(config, 1000))
 
-  from test_input_pipeline import _write_folder
+  from test_data import _write_folder
   _write_folder(tmp_path / "photos", bad=True)
   photos = str(tmp_path / "photos" / "train")
   assert predict.main([photos, "--topk", "3", "--json", "--batch", "4"]) == 1
@@ -144,9 +144,8 @@ def test_init_from_torchvision_and_predict_use_the_same_name(cached, tmp_path, c
   assert len(good) == len(results) - 1 and all(len(r["top"]) == 3 for r in good)
   # The probabilities are those of the model on torchvision's eval view of the image.
   first = good[0]
-  import tensorflow as tf
   preprocess = predict._preprocess(model)
-  view = preprocess.eval(tf.constant(open(first["file"], "rb").read()), encoded=True).numpy()
+  view = preprocess.eval(open(first["file"], "rb").read())
   x = preprocess.normalizer()({"image": view[None]})
   probs = np.asarray(jax.nn.softmax(model.apply({"params": cached}, x)))[0]
   best = np.argsort(-probs)[:3]

@@ -11,10 +11,10 @@ import numpy as np
 import optax
 import pytest
 
-pytest.importorskip("tensorflow", reason="training needs the 'train' extra")
+pytest.importorskip("grain", reason="training needs the 'train' extra")
 
 from alexnet_jax import VARIANTS, checkpointing, pretrained, training  # noqa: E402
-from alexnet_jax import input_pipeline as ip  # noqa: E402
+from alexnet_jax.data import loader, sources  # noqa: E402
 from configs import default  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -123,7 +123,7 @@ def test_eval_counts_every_example_once():
   rng = np.random.default_rng(1)
   images = rng.integers(0, 256, (1001, 28, 28, 1), np.uint8)
   labels = rng.integers(0, 10, 1001)
-  source = ip.array_source(images, labels, split="test", num_classes=10)
+  source = sources.ArraySource(images, labels, split="test", num_classes=10)
   config = tiny_config()
   model = training.create_model_from_config(config, 10)
   tx = training.optim.create_optimizer(config, 10, 10)
@@ -233,8 +233,7 @@ def test_pmap_jit_hybrid_and_one_device_give_the_same_parameters():
                                     model_parallel=model_parallel)
         state = training.place_state(training.create_train_state(config, model, tx), steps)
         src, _ = training.create_sources(config)
-        it = training.ip.TrainIterator(src, training.create_preprocess(config), 16,
-                                       layout=steps.layout)
+        it = training.loader.TrainLoader(src, training.create_preprocess(config), 16)
         for _ in range(5):
           state, _ = steps.train(state, jax.tree_util.tree_map(steps.put, next(it)))
         if mode == "hybrid":  # still split after the steps: fc1 and its momentum, not conv1

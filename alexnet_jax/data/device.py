@@ -1,8 +1,8 @@
 """The device half of preprocessing: uint8 batches become the model's float input.
 
-The host pipeline (``input_pipeline``) crops, resizes and flips in uint8 and ships bytes; this
-runs inside the jitted train and eval steps, where the arithmetic is nearly free, so that every
-pixel crosses to the device as one byte instead of four. Only jax here: no TensorFlow.
+The host (``host``) decodes and crops in uint8 and ships bytes, plus each example's ``flip`` and
+paper ``colour`` draw; this runs inside the jitted train and eval steps, where the arithmetic is
+nearly free, so that every pixel crosses to the device as one byte instead of four. Only jax.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import jax.numpy as jnp
 
 @dataclasses.dataclass(frozen=True)
 class Normalize:
-  """``(image / 255 + colour - mean) / std`` per channel.
+  """Flip where ``flip``, then ``(image / 255 + colour - mean) / std`` per channel.
 
-  ``colour`` is the per-example RGB shift of the paper's PCA colour noise (pixels in [0, 1]),
-  drawn on the host with the rest of the example's randomness; batches without it get none.
+  ``flip`` (bool per example) mirrors the image left to right; ``colour`` is the per-example RGB
+  shift of the paper's PCA colour noise (pixels in [0, 1]); batches without them get neither.
   Float images pass through unchanged: they are taken to be model input already.
   """
   mean: tuple[float, ...]
@@ -29,6 +29,9 @@ class Normalize:
     image = batch["image"]
     if jnp.issubdtype(image.dtype, jnp.floating):
       return image
+    if "flip" in batch:
+      flip = batch["flip"].reshape(batch["flip"].shape[:1] + (1,) * (image.ndim - 1))
+      image = jnp.where(flip, jnp.flip(image, axis=-2), image)
     x = image.astype(jnp.float32) * (1.0 / 255.0)
     if "colour" in batch:
       colour = batch["colour"].astype(jnp.float32)
