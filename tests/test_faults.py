@@ -108,7 +108,11 @@ def test_kill_9_at_a_random_step_then_resume_exactly(tmp_path, reference):
   workdir = str(tmp_path / "run")
   at = random.Random().randint(EVERY + 1, STEPS - 5)
   proc = _start(tmp_path, "killed", workdir)
-  _wait_for(lambda: _last_step(proc.log.read_text()) >= at, f"step {at}", procs=[proc])
+  # Past the step and a complete checkpoint to resume from (the async save of step 10 can
+  # still be in flight at step 11).
+  saved = lambda: any(d.isdigit() for d in os.listdir(os.path.join(workdir, "checkpoints")))
+  _wait_for(lambda: _last_step(proc.log.read_text()) >= at and saved(), f"step {at}",
+            procs=[proc])
   proc.send_signal(signal.SIGKILL)
   proc.wait(60)
   killed_at = _last_step(proc.log.read_text())
