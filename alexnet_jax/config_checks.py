@@ -21,8 +21,8 @@ from alexnet_jax.optim import _is_int, _is_real  # the optimizer fields' own che
 RESUME_SAFE = frozenset({
     "log_every_steps", "eval_every_steps", "eval_every_epochs", "checkpoint_every_steps",
     "keep_checkpoints", "async_checkpointing", "tensorboard", "eval_checkpoint", "halt_at_step",
-    "prefetch", "data_threads", "data_workers", "eval_batch_size", "parallel", "model_parallel", "data_dir", "manual_dir",
-    "init_from", "init_replace_head", "allow_config_change"})
+    "prefetch", "data_threads", "data_workers", "eval_batch_size", "parallel", "model_parallel",
+    "data_dir", "manual_dir", "init_from", "init_replace_head", "allow_config_change"})
 # The plateau schedule is driven by the evaluations, so for it these change the run.
 PLATEAU_INPUTS = frozenset({"eval_every_steps", "eval_every_epochs", "eval_batch_size"})
 # A longer run may resume a shorter one (extending it); a shorter one is a change.

@@ -300,18 +300,18 @@ def place_state(state: TrainState, steps: Steps) -> TrainState:
 
 def create_preprocess(config: Any) -> host.Preprocess:
   return host.Preprocess(train_preset=config.train_preset, eval_preset=config.eval_preset,
-                       image_size=config.image_size, resize_size=config.resize_size,
-                       channels=config.channels, pad=config.pad, mean=tuple(config.mean),
-                       std=tuple(config.std))
+                         image_size=config.image_size, resize_size=config.resize_size,
+                         channels=config.channels, pad=config.pad, mean=tuple(config.mean),
+                         std=tuple(config.std))
 
 
 def create_source(config: Any, train: bool) -> Any:
   """The config's train or eval split."""
-  return sources.create_source(config.dataset, config.train_split if train else config.eval_split,
-                          data_dir=config.data_dir or None,
-                          manual_dir=config.manual_dir or None,
-                          skip_bad_images=config.skip_bad_images, image_size=config.image_size,
-                          channels=config.channels)
+  split = config.train_split if train else config.eval_split
+  return sources.create_source(config.dataset, split, data_dir=config.data_dir or None,
+                               manual_dir=config.manual_dir or None,
+                               skip_bad_images=config.skip_bad_images,
+                               image_size=config.image_size, channels=config.channels)
 
 
 def create_sources(config: Any) -> tuple[Any, Any]:
