@@ -96,10 +96,11 @@ def decode(data: bytes | np.ndarray, channels: int, min_shape: tuple[int, int] =
     raise DecodeError(_reason(e)) from e
 
 
-def resample(data: bytes | np.ndarray, box: Box, out_hw: tuple[int, int], channels: int
-             ) -> np.ndarray:
-  """The pixels of ``box`` of the image, resized to ``out_hw`` (bilinear, antialiased): uint8."""
-  height, width = image_shape(data)
+def resample(data: bytes | np.ndarray, box: Box, out_hw: tuple[int, int], channels: int,
+             shape: tuple[int, int] | None = None) -> np.ndarray:
+  """The pixels of ``box`` of the image, resized to ``out_hw`` (bilinear, antialiased): uint8.
+  ``shape`` is the image's (height, width) where the caller has read it already."""
+  height, width = shape or image_shape(data)
   top, left, bottom, right = box
   out_h, out_w = out_hw
   # DCT scaling where the box is at least twice the output: the decoded image is then still at
@@ -187,18 +188,21 @@ def _paper_train(pre: Preprocess, data: bytes | np.ndarray, rng: np.random.Gener
   top, left = rng.integers(0, side - size + 1, 2)
   top, left = (resized[0] - side) // 2 + int(top), (resized[1] - side) // 2 + int(left)
   return resample(data, resized_box(height, width, resized, top, left, (size, size)),
-                  (size, size), pre.channels)
+                  (size, size), pre.channels, (height, width))
 
 
 def _torchvision_train(pre: Preprocess, data: bytes | np.ndarray, rng: np.random.Generator
                        ) -> np.ndarray:
-  top, left, h, w = rrc_window(*image_shape(data), rng)
-  return resample(data, (top, left, top + h, left + w), (pre.image_size,) * 2, pre.channels)
+  shape = image_shape(data)
+  top, left, h, w = rrc_window(*shape, rng)
+  return resample(data, (top, left, top + h, left + w), (pre.image_size,) * 2, pre.channels,
+                  shape)
 
 
 def _whole(pre: Preprocess, data: bytes | np.ndarray) -> np.ndarray:
   height, width = image_shape(data)
-  return resample(data, (0, 0, height, width), (pre.image_size,) * 2, pre.channels)
+  return resample(data, (0, 0, height, width), (pre.image_size,) * 2, pre.channels,
+                  (height, width))
 
 
 def _small_train(pre: Preprocess, data: bytes | np.ndarray, rng: np.random.Generator
@@ -215,13 +219,14 @@ def _center_crop(pre: Preprocess, data: bytes | np.ndarray) -> np.ndarray:
   resized = shorter_side_to(height, width, pre.resize_size)
   top, left = (resized[0] - size) // 2, (resized[1] - size) // 2
   return resample(data, resized_box(height, width, resized, top, left, (size, size)),
-                  (size, size), pre.channels)
+                  (size, size), pre.channels, (height, width))
 
 
 def _ten_crop(pre: Preprocess, data: bytes | np.ndarray) -> np.ndarray:
   height, width = image_shape(data)
   resized = shorter_side_to(height, width, pre.resize_size)
-  return ten_crop(resample(data, (0, 0, height, width), resized, pre.channels), pre.image_size)
+  return ten_crop(resample(data, (0, 0, height, width), resized, pre.channels, (height, width)),
+                  pre.image_size)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -57,7 +57,8 @@ def _undecodable(source: Any, index: int, error: Exception) -> ValueError:
 
 
 class _TrainExample:
-  """Local element ``j`` -> the example of its row of global batch ``start + j // rows``."""
+  """Local element ``j`` -> the example of row ``first_row + j % rows`` of global batch
+  ``j // rows``."""
 
   def __init__(self, source: Any, preprocess: host.Preprocess, global_order: order.GlobalOrder,
                rows: int, first_row: int):
