@@ -64,10 +64,9 @@ def test_the_library_steps_compile_with_the_options(mode):
   tx = create_optimizer(config, 10, 10)
   steps = make_steps(mode, model, tx, devices=jax.devices()[:1])
   state = place_state(create_train_state(config, model, tx), steps)
-  rows = (1, 2) if mode == "pmap" else (2,)
-  batch = {"image": np.zeros(rows + (model.input_size, model.input_size, model.in_channels),
+  batch = {"image": np.zeros((2, model.input_size, model.input_size, model.in_channels),
                              np.float32),
-           "label": np.zeros(rows, np.int32), "mask": np.ones(rows, bool)}
+           "label": np.zeros(2, np.int32), "mask": np.ones(2, bool)}
   batch = jax.tree_util.tree_map(steps.put, batch)
   if mode == "jit":
     hlos = [steps.train.lower(state, batch).compile().as_text(),
