@@ -36,7 +36,7 @@ _INTS = {"batch_size": 1, "eval_batch_size": 0, "log_every_steps": 1, "eval_ever
          "resize_size": 1, "pad": 0, "model_parallel": 1, "data_threads": 0, "data_workers": 0,
          "seed": 0, "num_train_steps": None, "halt_at_step": None}
 _REALS = {"eval_every_epochs": 0.0}
-_BOOLS = ("skip_bad_images", "async_checkpointing", "tensorboard", "init_replace_head",
+_BOOLS = ("async_checkpointing", "tensorboard", "init_replace_head",
           "allow_config_change")
 
 

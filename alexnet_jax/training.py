@@ -310,7 +310,6 @@ def create_source(config: Any, train: bool) -> Any:
   split = config.train_split if train else config.eval_split
   return sources.create_source(config.dataset, split, data_dir=config.data_dir or None,
                                manual_dir=config.manual_dir or None,
-                               skip_bad_images=config.skip_bad_images,
                                image_size=config.image_size, channels=config.channels)
 
 
@@ -357,18 +356,12 @@ def _progress(step: int, total: int, metrics: Mapping[str, float], start: float,
           f"{metrics['images_per_sec']:.0f} img/s  ETA {eta / 60:.1f} min")
 
 
-def _report_skipped(splits: tuple[Any, ...], workdir: str) -> None:
-  """Lists the files ``skip_bad_images`` left out, on the console and in the workdir."""
-  skipped = [f for source in splits for f in getattr(source, "skipped", ())]
-  if not skipped or jax.process_index() != 0:  # every process checked, and skips, every file
-    return
-  path = os.path.join(workdir, "skipped_images.txt")
-  with open(path, "w") as f:
-    f.write("".join(f"{p}\n" for p in skipped))
-  shown = "\n".join(f"  {p}" for p in skipped[:10])
-  more = f"\n  ... and {len(skipped) - 10} more" if len(skipped) > 10 else ""
-  print(f"skip_bad_images: left out {len(skipped)} undecodable file(s), listed in {path}:\n"
-        f"{shown}{more}", flush=True)
+def _check_store(config: Any, *splits: Any) -> None:
+  """A prepared store must have been prepared for this config's presets and sizes."""
+  for source in splits:
+    if isinstance(source, sources.PreparedSource):
+      source.check(config.train_preset, config.eval_preset, config.resize_size,
+                   config.channels)
 
 
 def _check_batch_fits(config: Any, source: Any) -> None:
@@ -389,7 +382,7 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainState:
   main_process = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   train_source, eval_source = create_sources(config)
-  _report_skipped((train_source, eval_source), workdir)
+  _check_store(config, train_source, eval_source)
   _check_batch_fits(config, train_source)
   preprocess = create_preprocess(config)
   model = create_model_from_config(config, train_source.num_classes)
@@ -552,6 +545,7 @@ def evaluate_checkpoint(config: Any, workdir: str, which: str | None = None) -> 
   config_checks.validate(config)
   which = which or config.eval_checkpoint
   eval_source = create_source(config, train=False)
+  _check_store(config, eval_source)
   preprocess = create_preprocess(config)
   model = create_model_from_config(config, eval_source.num_classes)
   tx = optim.create_optimizer(config, 1, 10**9)  # the state's layout is all that matters here

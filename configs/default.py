@@ -29,13 +29,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.model_overrides.weight_init = "kaiming"
   c.dtype = "float32"  # compute dtype: float32 or bfloat16 (params stay float32)
 
-  # Data: `digits`, `synthetic`, `folder:/path` or a TFDS name (imagenet2012, cifar10, ...).
+  # Data: `digits`, `synthetic`, `folder:/path`, `prepared:/path` (a store written by
+  # `python -m alexnet_jax.prepare`) or a TFDS name (imagenet2012, cifar10, ...).
   c.dataset = "digits"
   c.train_split = "train"
   c.eval_split = "test"
   c.data_dir = ""  # TFDS data_dir ("" = TFDS's default)
   c.manual_dir = ""  # where manually downloaded archives are (imagenet2012)
-  c.skip_bad_images = False  # folder datasets: leave undecodable files out instead of failing
   c.train_preset = "small_noflip"  # paper | torchvision | small | small_noflip
   c.eval_preset = "small"  # center_crop | ten_crop | small
   c.image_size = 28

@@ -474,17 +474,3 @@ def test_convert_and_init_from_reject_malformed_files_in_one_line(tmp_path, caps
   config = tiny_config(init_from=path)
   with pytest.raises(ValueError, match=f"^{path}"):
     training.train_and_evaluate(config, str(tmp_path / "run"))
-
-
-def test_skip_bad_images_lists_what_it_skipped(tmp_path, capsys):
-  from test_data import _write_folder
-  _write_folder(tmp_path / "data", bad=True)
-  config = tiny_config(dataset=f"folder:{tmp_path / 'data'}", eval_split="val",
-                       skip_bad_images=True, num_train_steps=1, channels=3,
-                       train_preset="torchvision", eval_preset="center_crop", resize_size=32,
-                       mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
-  training.train_and_evaluate(config, str(tmp_path / "run"))
-  out = capsys.readouterr().out
-  assert "skip_bad_images: left out 1 undecodable file(s)" in out and "broken.jpg" in out
-  listed = (tmp_path / "run" / "skipped_images.txt").read_text().splitlines()
-  assert listed == [str(tmp_path / "data" / "train" / "dog" / "broken.jpg")]

@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("grain", reason="training needs the 'train' extra")
 
 from alexnet_jax import VARIANTS, checkpointing, pretrained, training  # noqa: E402
-from alexnet_jax.data import loader, sources  # noqa: E402
+from alexnet_jax.data import sources  # noqa: E402
 from configs import default  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -53,7 +53,8 @@ def even_bounds(total: int, n: int) -> list[tuple[int, int]]:
 def _undecodable(source: Any, index: int, error: Exception) -> ValueError:
   where = source.describe(index) if hasattr(source, "describe") else f"example {index}"
   return ValueError(f"{source.name} {source.split!r}: {where} cannot be decoded ({error}). Fix "
-                    "or remove it, or set skip_bad_images to leave such files out.")
+                    "or remove it, or prepare a store (python -m alexnet_jax.prepare), which "
+                    "lists and leaves out such files.")
 
 
 class _TrainExample:

@@ -2,21 +2,26 @@
 
 ``image`` is encoded bytes (``source.encoded``) or a uint8 HWC array. Every source is a plain
 picklable object, so that Grain's worker processes can read it, and the same on every process.
-TFDS datasets are read through ``tfds.data_source`` (array_record files, random access, no
-TensorFlow); only preparing a TFDS dataset needs TensorFlow (the ``tfds`` extra).
+TFDS datasets are read through TFDS's array_record data sources (random access, no TensorFlow);
+only preparing a TFDS dataset needs TensorFlow (the ``tfds`` extra). ``prepared:/path`` is a store
+written by ``python -m alexnet_jax.prepare`` (``PreparedSource``).
+
+Besides ``len`` and ``[i]``, a source has ``name``, ``split``, ``num_classes``, ``class_names``
+(or None), ``channels`` (what its images decode to) and ``fingerprint()``, a digest of what it
+reads, which ``prepare`` records to notice a source that changed between runs.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
+import bisect
+import hashlib
+import json
 import os
 import textwrap
 import zlib
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
-
-from alexnet_jax.data import host
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 DIGITS_SIDE = 28
@@ -39,9 +44,15 @@ class ArraySource:
     self.name, self.split = name, split
     self.num_classes = (num_classes if num_classes is not None
                         else int(self.labels.max(initial=-1)) + 1)
+    self.class_names, self.channels = None, images.shape[-1]
 
   def __len__(self) -> int:
     return len(self.images)
+
+  def fingerprint(self) -> str:
+    digest = hashlib.sha256(np.ascontiguousarray(self.images).data)
+    digest.update(np.ascontiguousarray(self.labels).data)
+    return f"{self.name}:{digest.hexdigest()}"
 
   def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
     return self.images[i], int(self.labels[i])
@@ -87,36 +98,19 @@ def _folder_classes(root: str) -> list[str]:
   return sorted(classes)
 
 
-def _decode_problem(path: str) -> str | None:
-  """None when ``path`` decodes, else the reason it does not."""
-  try:
-    with open(path, "rb") as f:
-      host.decode(f.read(), 3)
-    return None
-  except (OSError, host.DecodeError) as e:
-    return str(e)
-
-
-def find_undecodable(paths: Sequence[str], workers: int = 8) -> list[tuple[str, str]]:
-  """(path, reason) for every file in ``paths`` that the pipeline cannot decode."""
-  with concurrent.futures.ThreadPoolExecutor(workers) as pool:  # the decoders release the GIL
-    reasons = list(pool.map(_decode_problem, paths))
-  return [(p, r) for p, r in zip(paths, reasons) if r is not None]
-
-
 class FolderSource:
   """Images in ``root/<split>/<class>/*.{jpg,png,...}``; classes are sorted folder names.
 
-  With ``skip_bad_images`` every file is test-decoded first and the undecodable ones are left out
-  and listed in ``skipped``; otherwise the first bad file stops the loader with its name.
+  The files are not test-decoded here (that would read the whole dataset on every process of
+  every run): the first one that does not decode stops the loader with its name. ``prepare``
+  decodes each once, and lists and leaves out the bad ones.
   """
-  encoded = True
+  encoded, channels = True, 3
 
-  def __init__(self, root: str, split: str, *, skip_bad_images: bool = False):
+  def __init__(self, root: str, split: str):
     split_dir = os.path.join(root, split)
     if not os.path.isdir(split_dir):
-      found = (sorted(d.name for d in os.scandir(root) if d.is_dir()) if os.path.isdir(root)
-               else [])
+      found = folder_splits(root)
       raise ValueError(f"image folder {split_dir!r} does not exist; expected "
                        f"{root}/<split>/<class>/<image files>, splits found: {found or 'none'}")
     classes = _folder_classes(root)
@@ -130,13 +124,8 @@ class FolderSource:
             labels.append(label)
     if not files:
       raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {split_dir}/<class>/")
-    self.skipped: list[str] = []
-    if skip_bad_images:
-      bad = {p for p, _ in find_undecodable(files)}
-      self.skipped = [f for f in files if f in bad]
-      labels = [l for f, l in zip(files, labels) if f not in bad]
-      files = [f for f in files if f not in bad]
     self.files, self.labels = files, np.asarray(labels, np.int32)
+    self.root, self.class_names = root, classes
     self.name, self.split, self.num_classes = f"folder:{root}", split, len(classes)
 
   def __len__(self) -> int:
@@ -148,6 +137,19 @@ class FolderSource:
 
   def describe(self, i: int) -> str:
     return self.files[i]
+
+  def fingerprint(self) -> str:
+    """Every file's path, size and modification time: a changed, added or removed file shows."""
+    digest = hashlib.sha256()
+    for path, label in zip(self.files, self.labels):
+      stat = os.stat(path)
+      digest.update(f"{os.path.relpath(path, self.root)}\0{label}\0{stat.st_size}\0"
+                    f"{stat.st_mtime_ns}\n".encode())
+    return f"{self.name}/{self.split}:{digest.hexdigest()}"
+
+
+def folder_splits(root: str) -> list[str]:
+  return sorted(d.name for d in os.scandir(root) if d.is_dir()) if os.path.isdir(root) else []
 
 
 def _missing_archives_error(builder: Any, manual_dir: str | None) -> FileNotFoundError | None:
@@ -198,8 +200,8 @@ class TfdsSource:
       builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as e:  # its message lists every dataset
       raise ValueError(f"unknown dataset {name!r}: config.dataset is 'digits', 'synthetic', "
-                       "'folder:/path/to/images' or a TFDS name (tfds.list_builders(), e.g. "
-                       "'imagenet2012', 'cifar10')") from e
+                       "'folder:/path/to/images', 'prepared:/path/to/store' or a TFDS name "
+                       "(tfds.list_builders(), e.g. 'imagenet2012', 'cifar10')") from e
     features = builder.info.features
     if "image" not in features or "label" not in features:
       raise ValueError(f"TFDS dataset {name!r} has features {sorted(features)}; an image "
@@ -219,22 +221,124 @@ class TfdsSource:
           f"tfds.builder({name!r}, file_format='array_record').download_and_prepare()")
     self.name, self.split, self.data_dir = name, split, data_dir
     self.num_classes = features["label"].num_classes
-    self._data = tfds.data_source(name, split=split, data_dir=data_dir,
-                                  decoders={"image": tfds.decode.SkipDecoding()})
+    self.class_names = list(features["label"].names)
+    self.channels, self.full_name = 3, builder.info.full_name
+    # Read through a builder made from the prepared files alone: unlike the registered builder
+    # class (which may live in the user's own module), it pickles into Grain's worker processes.
+    self._data = tfds.builder_from_directory(builder.data_dir).as_data_source(
+        split, decoders={"image": tfds.decode.SkipDecoding()})
 
   def __len__(self) -> int:
     return len(self._data)
+
+  def fingerprint(self) -> str:
+    return f"tfds:{self.full_name}/{self.split}:{len(self)}"
 
   def __getitem__(self, i: int) -> tuple[bytes, int]:
     example = self._data[i]
     return example["image"], int(example["label"])
 
 
+STORE_FORMAT = "alexnet-jax prepared store"
+STORE_VERSION = 1
+STORE_METADATA = "metadata.json"
+# A record is the label (int32, little-endian) followed by the image's JPEG bytes.
+_LABEL_BYTES = 4
+
+
+def store_record(jpeg: bytes, label: int) -> bytes:
+  return int(label).to_bytes(_LABEL_BYTES, "little", signed=True) + jpeg
+
+
+class StoreError(ValueError):
+  """A prepared store that is incomplete, damaged, or does not fit the config."""
+
+
+def read_store_metadata(root: str) -> dict[str, Any]:
+  path = os.path.join(root, STORE_METADATA)
+  if not os.path.isfile(path):
+    raise StoreError(f"{path} does not exist: {root} is not a prepared store, or its preparation "
+                     "has not finished (run python -m alexnet_jax.prepare again to finish it)")
+  try:
+    with open(path) as f:
+      metadata = json.load(f)
+  except (OSError, ValueError) as e:
+    raise StoreError(f"{path} is damaged ({e}); prepare the store again") from e
+  if metadata.get("format") != STORE_FORMAT or metadata.get("version") != STORE_VERSION:
+    raise StoreError(f"{path} is not version {STORE_VERSION} of the {STORE_FORMAT} format "
+                     f"(format {metadata.get('format')!r}, version {metadata.get('version')!r})")
+  return metadata
+
+
+class PreparedSource:
+  """One split of a store written by ``python -m alexnet_jax.prepare``: JPEGs at training
+  resolution in ArrayRecord shards, and ``metadata.json`` (mode, size, quality, counts, class
+  names). Every shard's size is checked against the metadata when the source opens, so a
+  truncated or missing file stops the run with its name."""
+  encoded = True
+
+  def __init__(self, root: str, split: str):
+    from grain import sources as grain_sources  # pylint: disable=import-outside-toplevel
+    meta = read_store_metadata(root)
+    if split not in meta["splits"]:
+      raise StoreError(f"prepared store {root} has splits {sorted(meta['splits'])}, not "
+                       f"{split!r}")
+    shards = meta["splits"][split]["shards"]
+    self.paths = [os.path.join(root, s["file"]) for s in shards]
+    for path, shard in zip(self.paths, shards):
+      size = os.path.getsize(path) if os.path.isfile(path) else None
+      if size != shard["bytes"]:
+        found = "missing" if size is None else f"{size:,} bytes"
+        raise StoreError(f"prepared store file {path} is damaged: {found}, the metadata says "
+                         f"{shard['bytes']:,} bytes; prepare the store again")
+    self.ends = list(np.cumsum([s["num_examples"] for s in shards]))
+    self._data = grain_sources.ArrayRecordDataSource(self.paths)
+    if len(self._data) != meta["splits"][split]["num_examples"]:
+      raise StoreError(f"prepared store {root} split {split!r} holds {len(self._data)} records; "
+                       f"its metadata says {meta['splits'][split]['num_examples']}")
+    self.root, self.split, self.name = root, split, f"prepared:{root}"
+    self.mode, self.size, self.quality = meta["mode"], meta["size"], meta["quality"]
+    self.channels, self.num_classes = meta["channels"], meta["num_classes"]
+    self.class_names, self.metadata = meta["class_names"], meta
+
+  def __len__(self) -> int:
+    return len(self._data)
+
+  def __getitem__(self, i: int) -> tuple[bytes, int]:
+    try:
+      record = self._data[i]
+    except Exception as e:  # noqa: BLE001  (riegeli reports damage in its own ways)
+      raise StoreError(f"{self.describe(i)} cannot be read ({e}); prepare the store again"
+                       ) from e
+    return record[_LABEL_BYTES:], int.from_bytes(record[:_LABEL_BYTES], "little", signed=True)
+
+  def describe(self, i: int) -> str:
+    shard = bisect.bisect_right(self.ends, i)
+    return f"{self.paths[shard]} record {i - (self.ends[shard - 1] if shard else 0)}"
+
+  def fingerprint(self) -> str:
+    return f"{self.name}/{self.split}:{self.metadata['fingerprint']}"
+
+  def check(self, train_preset: str, eval_preset: str, resize_size: int, channels: int) -> None:
+    """Stops a config that this store does not fit, naming the field."""
+    where = f"prepared store {self.root} ({STORE_METADATA})"
+    needs = {"paper": "paper", "torchvision": "shorter"}.get(train_preset)
+    if needs and self.mode != needs:
+      raise StoreError(f"{where} has mode {self.mode!r}; train_preset {train_preset!r} needs "
+                       f"mode {needs!r} (python -m alexnet_jax.prepare ... --mode {needs})")
+    if (train_preset == "paper" or eval_preset in ("center_crop", "ten_crop")) and (
+        self.size != resize_size):
+      raise StoreError(f"{where} has size {self.size}; resize_size is {resize_size} (prepare "
+                       f"with --size {resize_size}, or set resize_size={self.size})")
+    if self.channels != channels:
+      raise StoreError(f"{where} has {self.channels} channel(s); config.channels is {channels}")
+
+
 def create_source(dataset: str, split: str, *, data_dir: str | None = None,
-                  manual_dir: str | None = None, skip_bad_images: bool = False,
-                  image_size: int = 224, channels: int = 3) -> Any:
-  """``digits``, ``synthetic``, ``folder:/path`` or any TFDS name. ``image_size`` and
-  ``channels`` only shape ``synthetic``'s images."""
+                  manual_dir: str | None = None, image_size: int = 224, channels: int = 3
+                  ) -> Any:
+  """``digits``, ``synthetic``, ``folder:/path``, ``prepared:/path`` or any TFDS name.
+  ``image_size`` and ``channels`` only shape ``synthetic``'s images."""
   if dataset == "synthetic":
     images, labels = synthetic_split(split, image_size, channels)
     return ArraySource(images, labels, name="synthetic", split=split, num_classes=1000)
@@ -242,5 +346,7 @@ def create_source(dataset: str, split: str, *, data_dir: str | None = None,
     images, labels = digits_split(split)
     return ArraySource(images, labels, name="digits", split=split, num_classes=10)
   if dataset.startswith("folder:"):
-    return FolderSource(dataset[len("folder:"):], split, skip_bad_images=skip_bad_images)
+    return FolderSource(dataset[len("folder:"):], split)
+  if dataset.startswith("prepared:"):
+    return PreparedSource(dataset[len("prepared:"):], split)
   return TfdsSource(dataset, split, data_dir=data_dir, manual_dir=manual_dir)
