@@ -140,11 +140,11 @@ class _Progress:
     self.start_done, self.start, self.last = done, time.perf_counter(), 0.0
     self.skipped = 0
 
-  def add(self, examples: int, skipped: int, force: bool = False) -> None:
+  def add(self, examples: int, skipped: int) -> None:
     self.done += examples + skipped
     self.skipped += skipped
     now = time.perf_counter()
-    if not force and now - self.last < self.every:
+    if now - self.last < self.every and self.done < self.total:
       return
     self.last = now
     rate = (self.done - self.start_done) / max(now - self.start, 1e-9)
@@ -216,7 +216,6 @@ def prepare(dataset: str, out_dir: str, *, mode: str, size: int = 256, quality: 
       except BaseException:
         pool.shutdown(wait=True, cancel_futures=True)  # keeps the shards that were finishing
         raise
-  progress.add(0, 0, force=True)
   return _finish(out_dir, settings, split_sources, finished)
 
 
