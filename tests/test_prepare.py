@@ -102,7 +102,7 @@ def test_digits_store_trains_and_matches_a_clean_run_after_kill_9(tmp_path):
     sources.PreparedSource(str(store), "train")
   # A shard counts as finished once its record of completion is written (after its rename).
   kept = {f[:-len(".json")]: os.stat(store / f[:-len(".json")]).st_mtime_ns
-          for f in os.listdir(progress) if f.startswith("train-")}
+          for f in os.listdir(progress) if f.startswith("train-") and f.endswith(".json")}
   rerun = subprocess.run(command(store), cwd=ROOT, capture_output=True, text=True, check=True)
   assert f"{len(kept)} already written" in rerun.stdout, rerun.stdout
   for f, mtime in kept.items():

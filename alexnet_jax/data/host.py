@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
+import threading
 from typing import Callable
 
 import numpy as np
@@ -76,18 +77,35 @@ def _to_channels(pixels: np.ndarray, channels: int) -> np.ndarray:
   raise ValueError(f"cannot make {channels} channel(s) from an image with {have}")
 
 
-def decode(data: bytes | np.ndarray, channels: int, min_shape: tuple[int, int] = (0, 0)
-           ) -> np.ndarray:
+_SCRATCH = threading.local()
+
+
+def _scratch(shape: tuple[int, int], channels: int) -> np.ndarray:
+  """This thread's decode buffer, at least an image of ``shape``: reused, because a fresh one per
+  image costs the kernel's zeroing of every page of it, a third of a small JPEG's decode."""
+  size = shape[0] * shape[1] * channels
+  buffer = getattr(_SCRATCH, "buffer", None)
+  if buffer is None or buffer.size < size:
+    buffer = _SCRATCH.buffer = np.empty(max(size, 256 * 256 * 3), np.uint8)
+  return buffer
+
+
+def decode(data: bytes | np.ndarray, channels: int, min_shape: tuple[int, int] = (0, 0),
+           scratch: bool = False) -> np.ndarray:
   """uint8 (H, W, channels). A JPEG is decoded at the smallest DCT scale (1/2, 1/4, ...) whose
-  result is at least ``min_shape``; other formats whole (grey, RGBA, CMYK, palette converted)."""
+  result is at least ``min_shape``; other formats whole (grey, RGBA, CMYK, palette converted).
+  ``scratch``: a JPEG may be decoded into this thread's reused buffer, which the next such
+  decode on the thread overwrites (for callers that copy out what they need at once)."""
   if isinstance(data, np.ndarray):
     return _to_channels(data, channels)
   try:
     if _is_jpeg(data):
       import simplejpeg  # pylint: disable=import-outside-toplevel
       try:
+        buffer = _scratch(image_shape(data), channels) if scratch else None
         pixels = simplejpeg.decode_jpeg(data, "GRAY" if channels == 1 else "RGB",
-                                        min_height=min_shape[0], min_width=min_shape[1])
+                                        min_height=min_shape[0], min_width=min_shape[1],
+                                        buffer=buffer)
         return _to_channels(pixels, channels)
       except ValueError:
         pass  # CMYK and other JPEGs libjpeg-turbo's fast path refuses: PIL converts them
@@ -105,9 +123,11 @@ def _whole_pixels(edges: tuple[float, float], limit: int) -> tuple[int, int]:
 
 
 def resample(data: bytes | np.ndarray, box: Box, out_hw: tuple[int, int], channels: int,
-             shape: tuple[int, int] | None = None) -> np.ndarray:
-  """The pixels of ``box`` of the image, resized to ``out_hw``: uint8. ``shape`` is the image's
-  (height, width) where the caller has read it already.
+             shape: tuple[int, int] | None = None, out: np.ndarray | None = None
+             ) -> np.ndarray:
+  """The pixels of ``box`` of the image, resized to ``out_hw``: uint8, written into ``out``
+  (C-contiguous, e.g. a row of a batch) if given. ``shape`` is the image's (height, width) where
+  the caller has read it already.
 
   A box that shrinks is cut at whole pixels of the decoded image (rounded: its edges move by at
   most half an output pixel) and area-filtered; one that enlarges is sampled bilinearly at its
@@ -123,25 +143,30 @@ def resample(data: bytes | np.ndarray, box: Box, out_hw: tuple[int, int], channe
     min_shape = (math.ceil(height * out_h / (bottom - top)),
                  math.ceil(width * out_w / (right - left)))
   import cv2  # pylint: disable=import-outside-toplevel
-  pixels = decode(data, channels, min_shape)
+  if out is None:
+    out = np.empty((out_h, out_w, channels), np.uint8)
+  pixels = decode(data, channels, min_shape, scratch=True)
   sy, sx = pixels.shape[0] / height, pixels.shape[1] / width
   top, bottom, left, right = top * sy, bottom * sy, left * sx, right * sx
+  # OpenCV writes into `out` through dst= only as a 2-D array for one channel.
+  dst = out[..., 0] if channels == 1 else out
   if bottom - top >= out_h and right - left >= out_w:
     t, b = _whole_pixels((top, bottom), pixels.shape[0])
     l, r = _whole_pixels((left, right), pixels.shape[1])
     crop = pixels[t:b, l:r]
     if crop.shape[:2] == (out_h, out_w):
-      return crop  # a view: the batch's stack makes the one copy
-    out = cv2.resize(crop, (out_w, out_h), interpolation=cv2.INTER_AREA)
+      out[...] = crop
+    else:
+      cv2.resize(crop, (out_w, out_h), dst=dst, interpolation=cv2.INTER_AREA)
   else:
     # Output pixel centres mapped into the source (half-pixel centres, as PIL and torchvision).
     scale_y, scale_x = (bottom - top) / out_h, (right - left) / out_w
     to_source = np.array([[scale_x, 0, left + 0.5 * scale_x - 0.5],
                           [0, scale_y, top + 0.5 * scale_y - 0.5]])
-    out = cv2.warpAffine(pixels, to_source, (out_w, out_h),
-                         flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                         borderMode=cv2.BORDER_REPLICATE)
-  return out.reshape(out_h, out_w, channels)
+    cv2.warpAffine(pixels, to_source, (out_w, out_h), dst=dst,
+                   flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                   borderMode=cv2.BORDER_REPLICATE)
+  return out
 
 
 def shorter_side_to(height: int, width: int, side: int) -> tuple[int, int]:
@@ -198,11 +223,13 @@ def ten_crop(image: np.ndarray, size: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
-# The presets: tables of view functions, (pre, data, rng) -> uint8 view for training and
-# (pre, data) -> uint8 view for evaluation.
+# The presets: tables of view functions, (pre, data, rng, out) -> uint8 view for training and
+# (pre, data, out) -> uint8 view for evaluation; each writes into ``out`` (of the preset's
+# shape), a row of the batch.
+Out = np.ndarray
 
 
-def _paper_train(pre: Preprocess, data: bytes | np.ndarray, rng: np.random.Generator
+def _paper_train(pre: Preprocess, data: bytes | np.ndarray, rng: np.random.Generator, out: Out
                  ) -> np.ndarray:
   """Shorter side to resize_size, its centre square, a random image_size crop of that."""
   height, width = image_shape(data)
@@ -211,45 +238,47 @@ def _paper_train(pre: Preprocess, data: bytes | np.ndarray, rng: np.random.Gener
   top, left = rng.integers(0, side - size + 1, 2)
   top, left = (resized[0] - side) // 2 + int(top), (resized[1] - side) // 2 + int(left)
   return resample(data, resized_box(height, width, resized, top, left, (size, size)),
-                  (size, size), pre.channels, (height, width))
+                  (size, size), pre.channels, (height, width), out)
 
 
-def _torchvision_train(pre: Preprocess, data: bytes | np.ndarray, rng: np.random.Generator
-                       ) -> np.ndarray:
+def _torchvision_train(pre: Preprocess, data: bytes | np.ndarray, rng: np.random.Generator,
+                       out: Out) -> np.ndarray:
   shape = image_shape(data)
   top, left, h, w = rrc_window(*shape, rng)
   return resample(data, (top, left, top + h, left + w), (pre.image_size,) * 2, pre.channels,
-                  shape)
+                  shape, out)
 
 
-def _whole(pre: Preprocess, data: bytes | np.ndarray) -> np.ndarray:
+def _whole(pre: Preprocess, data: bytes | np.ndarray, out: Out | None) -> np.ndarray:
   height, width = image_shape(data)
   return resample(data, (0, 0, height, width), (pre.image_size,) * 2, pre.channels,
-                  (height, width))
+                  (height, width), out)
 
 
-def _small_train(pre: Preprocess, data: bytes | np.ndarray, rng: np.random.Generator
+def _small_train(pre: Preprocess, data: bytes | np.ndarray, rng: np.random.Generator, out: Out
                  ) -> np.ndarray:
   """Resize to image_size, zero-pad ``pad`` pixels, random crop back (CIFAR's)."""
-  padded = np.pad(_whole(pre, data), ((pre.pad, pre.pad), (pre.pad, pre.pad), (0, 0)))
+  padded = np.pad(_whole(pre, data, None), ((pre.pad, pre.pad), (pre.pad, pre.pad), (0, 0)))
   top, left = rng.integers(0, 2 * pre.pad + 1, 2)
-  return padded[top:top + pre.image_size, left:left + pre.image_size]
+  out[...] = padded[top:top + pre.image_size, left:left + pre.image_size]
+  return out
 
 
-def _center_crop(pre: Preprocess, data: bytes | np.ndarray) -> np.ndarray:
+def _center_crop(pre: Preprocess, data: bytes | np.ndarray, out: Out) -> np.ndarray:
   height, width = image_shape(data)
   size = pre.image_size
   resized = shorter_side_to(height, width, pre.resize_size)
   top, left = (resized[0] - size) // 2, (resized[1] - size) // 2
   return resample(data, resized_box(height, width, resized, top, left, (size, size)),
-                  (size, size), pre.channels, (height, width))
+                  (size, size), pre.channels, (height, width), out)
 
 
-def _ten_crop(pre: Preprocess, data: bytes | np.ndarray) -> np.ndarray:
+def _ten_crop(pre: Preprocess, data: bytes | np.ndarray, out: Out) -> np.ndarray:
   height, width = image_shape(data)
   resized = shorter_side_to(height, width, pre.resize_size)
-  return ten_crop(resample(data, (0, 0, height, width), resized, pre.channels, (height, width)),
-                  pre.image_size)
+  out[...] = ten_crop(resample(data, (0, 0, height, width), resized, pre.channels,
+                               (height, width)), pre.image_size)
+  return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -314,18 +343,28 @@ class Preprocess:
     std = self.std if self.preset.divide_std else (1.0,) * self.channels
     return device.Normalize(tuple(self.mean), tuple(std))
 
-  def train(self, data: bytes | np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """One example's view (``image``), and the ``flip`` and ``colour`` the device applies."""
-    out = {"image": self.preset.view(self, data, rng)}
+  def train(self, data: bytes | np.ndarray, rng: np.random.Generator,
+            out: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """One example's view (``image``, written into ``out`` if given), and the ``flip`` and
+    ``colour`` the device applies."""
+    if out is None:
+      out = np.empty(self.train_shape(), np.uint8)
+    out = {"image": self.preset.view(self, data, rng, out)}
     if self.preset.flip:
       out["flip"] = np.bool_(rng.random() < 0.5)
     if self.preset.colour:
       out["colour"] = pca_colour(rng)
     return out
 
-  def eval(self, data: bytes | np.ndarray) -> np.ndarray:
-    """One example's eval view, uint8: (H, W, C), or (10, H, W, C) for ``ten_crop``."""
-    return EVAL_PRESETS[self.eval_preset](self, data)
+  def eval(self, data: bytes | np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """One example's eval view, uint8: (H, W, C), or (10, H, W, C) for ``ten_crop``; written
+    into ``out`` if given."""
+    if out is None:
+      out = np.empty(self.eval_shape(), np.uint8)
+    return EVAL_PRESETS[self.eval_preset](self, data, out)
+
+  def train_shape(self) -> tuple[int, ...]:
+    return (self.image_size, self.image_size, self.channels)
 
   def eval_shape(self) -> tuple[int, ...]:
     return ((10,) if self.eval_preset == "ten_crop" else ()) + (

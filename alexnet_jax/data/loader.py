@@ -6,9 +6,9 @@ Process ``p`` of ``P`` reads rows ``[p * B / P, (p + 1) * B / P)`` of each globa
 global order (``order``), so the batches do not depend on the topology. Placing them on devices
 (and any per-device layout) is the steps' ``put``.
 
-The per-example work (read, decode, crop) runs on ``threads`` threads of this process, which the
-decoders let run in parallel (they release the GIL), and optionally in ``workers`` Grain worker
-processes.
+Each batch is built whole (read, decode, crop into its row) by one of ``threads`` threads of this
+process, which the decoders and OpenCV let run in parallel (they release the GIL), and
+optionally in ``workers`` Grain worker processes, each with its threads.
 """
 
 from __future__ import annotations
@@ -57,50 +57,65 @@ def _undecodable(source: Any, index: int, error: Exception) -> ValueError:
                     "lists and leaves out such files.")
 
 
-class _TrainExample:
-  """Local element ``j`` -> the example of row ``first_row + j % rows`` of global batch
-  ``j // rows``."""
+def _read(source: Any, index: int, view: Callable[[Any], Any]) -> tuple[Any, int]:
+  """``view`` of example ``index``'s image, and its label; a bad image is named."""
+  image, label = source[index]
+  try:
+    return view(image), label
+  except host.DecodeError as e:
+    raise _undecodable(source, index, e) from e
+
+
+class _TrainBatch:
+  """Step ``k`` -> this process's rows ``[first_row, first_row + rows)`` of global batch ``k``.
+
+  The batch is built here, each view written into its row: no per-example arrays to allocate
+  (whose fresh pages cost the kernel's zeroing) and stack afterwards.
+  """
 
   def __init__(self, source: Any, preprocess: host.Preprocess, global_order: order.GlobalOrder,
                rows: int, first_row: int):
     self.source, self.preprocess, self.order = source, preprocess, global_order
     self.rows, self.first_row = rows, first_row
 
-  def __call__(self, j: int) -> dict[str, Any]:
-    step, row = divmod(j, self.rows)
-    index, rng = self.order.locate(step, self.first_row + row)
-    image, label = self.source[index]
-    try:
-      view = self.preprocess.train(image, rng)
-    except host.DecodeError as e:
-      raise _undecodable(self.source, index, e) from e
-    return view | {"label": np.int32(label)}
+  def __call__(self, step: int) -> dict[str, np.ndarray]:
+    images = np.empty((self.rows,) + self.preprocess.train_shape(), np.uint8)
+    labels, extras = np.empty(self.rows, np.int32), collections.defaultdict(list)
+    for row in range(self.rows):
+      index, rng = self.order.locate(step, self.first_row + row)
+      view, labels[row] = _read(self.source, index,
+                                lambda image: self.preprocess.train(image, rng, images[row]))
+      for key in view.keys() - {"image"}:
+        extras[key].append(view[key])
+    return {"image": images, "label": labels} | {k: np.stack(v) for k, v in extras.items()}
 
 
-class _EvalExample:
-  """Element ``j`` -> example ``start + j`` of this process's part, or padding past its end."""
+class _EvalBatch:
+  """Batch ``k`` -> examples ``start + k * rows ...`` of this process's part, padded past its
+  end (``mask`` False)."""
 
-  def __init__(self, source: Any, preprocess: host.Preprocess, start: int, end: int):
-    self.source, self.preprocess, self.start, self.end = source, preprocess, start, end
+  def __init__(self, source: Any, preprocess: host.Preprocess, rows: int, start: int, end: int):
+    self.source, self.preprocess, self.rows = source, preprocess, rows
+    self.start, self.end = start, end
 
-  def __call__(self, j: int) -> dict[str, Any]:
-    index = self.start + j
-    if index >= self.end:
-      return {"image": np.zeros(self.preprocess.eval_shape(), np.uint8),
-              "label": np.int32(0), "mask": np.bool_(False)}
-    image, label = self.source[index]
-    try:
-      view = self.preprocess.eval(image)
-    except host.DecodeError as e:
-      raise _undecodable(self.source, index, e) from e
-    return {"image": view, "label": np.int32(label), "mask": np.bool_(True)}
+  def __call__(self, k: int) -> dict[str, np.ndarray]:
+    images = np.zeros((self.rows,) + self.preprocess.eval_shape(), np.uint8)
+    labels = np.zeros(self.rows, np.int32)
+    first = self.start + k * self.rows
+    mask = np.arange(first, first + self.rows) < self.end
+    for row in np.flatnonzero(mask):
+      _, labels[row] = _read(self.source, first + row,
+                             lambda image: self.preprocess.eval(image, images[row]))
+    return {"image": images, "label": labels, "mask": mask}
 
 
-def _iterate(dataset: grain.MapDataset, rows: int, threads: int | None, workers: int
+def _iterate(dataset: grain.MapDataset, threads: int | None, workers: int
              ) -> Iterator[dict[str, np.ndarray]]:
+  """Batches computed ahead on ``threads`` threads (each builds whole batches) and in
+  ``workers`` Grain worker processes."""
   threads = threads or default_threads()
-  batches = dataset.batch(rows, drop_remainder=True).to_iter_dataset(
-      grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * max(rows, threads)))
+  batches = dataset.to_iter_dataset(
+      grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads))
   if workers:
     from absl import flags  # pylint: disable=import-outside-toplevel
     if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags
@@ -123,11 +138,10 @@ class TrainLoader:
     self.steps_per_epoch = order.steps_per_epoch(len(source), global_batch,
                                                  f"{source.name} {source.split!r}")
     self.step, self.seed = start_step, seed
-    example = _TrainExample(source, preprocess, self.order, self.rows,
-                            jax.process_index() * self.rows)
-    self._batches = _iterate(
-        grain.MapDataset.range(start_step * self.rows, _ENDLESS).map(example),
-        self.rows, threads, workers)
+    batch = _TrainBatch(source, preprocess, self.order, self.rows,
+                        jax.process_index() * self.rows)
+    self._batches = _iterate(grain.MapDataset.range(start_step, _ENDLESS).map(batch), threads,
+                             workers)
 
   def __iter__(self) -> "TrainLoader":
     return self
@@ -154,8 +168,8 @@ def eval_batches(source: Any, preprocess: host.Preprocess, global_batch: int, *,
   parts = even_bounds(len(source), jax.process_count())
   start, end = parts[jax.process_index()]
   steps = max(1, math.ceil(max(e - s for s, e in parts) / rows))
-  example = _EvalExample(source, preprocess, start, end)
-  yield from _iterate(grain.MapDataset.range(steps * rows).map(example), rows, threads, workers)
+  batch = _EvalBatch(source, preprocess, rows, start, end)
+  yield from _iterate(grain.MapDataset.range(steps).map(batch), threads, workers)
 
 
 def prefetch_to_device(iterator: Iterator[dict[str, np.ndarray]], size: int,
