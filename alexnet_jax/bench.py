@@ -12,9 +12,12 @@ memory and FLOP counts (model FLOPs: those of direct convolutions, whatever algo
 machine's measured matmul rate.
 
 ``data`` writes JPEGs of ImageNet's typical size (500x375) to a temporary folder, cut from real
-photos and synthetic, and measures, in alternating rounds, the bare decode of each file (the
-limit) and the host pipeline of every train preset and of the ``center_crop`` and ``ten_crop``
-eval presets, in images/s per CPU core available to the process and as a share of bare decode.
+photos (or synthetic), prepares stores from them at 256 (``python -m alexnet_jax.prepare``:
+``paper`` and ``shorter``) and measures, in alternating rounds, the loader end to end on every
+core (``paper`` from the paper store, ``torchvision`` and ``center_crop`` from the shorter one)
+against the bare decode of the same store's files by the same decoder on the same threads; then
+every preset on the original files, per core. ``--threads`` and ``--workers`` set the loader's
+threads and Grain worker processes.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from alexnet_jax import extras
 from alexnet_jax.models import VARIANTS
 
 
@@ -256,83 +260,155 @@ def _cores() -> int:
   return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
-def _data_pipelines(folder: str, batch: int) -> dict[str, Callable[[], Iterator[Any]]]:
-  """Each pipeline of ``bench data`` as a function that starts a fresh iterator over ``folder``."""
+def _bare_decode(source: Any, batch: int, threads: int) -> Iterator[Any]:
+  """The limit: read and decode each whole image, nothing else, on ``threads`` threads."""
   import concurrent.futures
 
-  from alexnet_jax.data import host, loader, sources
+  from alexnet_jax.data import host
 
-  source = sources.FolderSource(folder, "train")
+  def read_and_decode(i):
+    return host.decode(source[i % len(source)][0], 3).shape
 
-  def decode():  # the limit: read and decode each whole file, nothing else, on every core
-    def read_and_decode(i):
-      return host.decode(source[i % len(source)][0], 3).shape
-
-    with concurrent.futures.ThreadPoolExecutor(_cores()) as pool:
-      start = 0
-      while True:
-        yield list(pool.map(read_and_decode, range(start, start + batch)))
-        start += batch
-
-  def train(preset):
-    return lambda: loader.TrainLoader(source, host.Preprocess(train_preset=preset), batch)
-
-  def evaluate(preset):
-    def batches():
-      while True:  # eval reads the folder once: start again at its end
-        yield from loader.eval_batches(source, host.Preprocess(eval_preset=preset), batch)
-    return batches
-
-  pipelines = {"decode": decode}
-  pipelines.update({f"train:{p}": train(p) for p in host.TRAIN_PRESETS})
-  pipelines.update({f"eval:{p}": evaluate(p) for p in host.EVAL_PRESETS if p != "small"})
-  return pipelines
+  with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+    start = 0
+    while True:
+      yield list(pool.map(read_and_decode, range(start, start + batch)))
+      start += batch
 
 
-def bench_data(batch: int = 32, steps: int = 10, rounds: int = 3, images: int = 512,
-               kinds: Sequence[str] = tuple(FILE_KINDS), warmup: int = 2) -> dict[str, Any]:
-  """Images/s per core of the bare JPEG decode and of every preset's pipeline, on the same
-  ImageNet-size files, in alternating rounds (median kept); each pipeline runs alone: it is
-  started afresh for its turn and stopped after, so no other prefetches beside it."""
+def _loader(source: Any, batch: int, threads: int, workers: int, train_preset: str = "paper",
+            eval_preset: str | None = None) -> Callable[[], Iterator[Any]]:
+  """A function that starts the loader of one preset afresh over ``source``."""
+  from alexnet_jax.data import host, loader
+
+  if eval_preset is None:
+    pre = host.Preprocess(train_preset=train_preset)
+    return lambda: loader.TrainLoader(source, pre, batch, threads=threads, workers=workers)
+  pre = host.Preprocess(eval_preset=eval_preset)
+
+  def batches():
+    while True:  # eval reads the source once: start again at its end
+      yield from loader.eval_batches(source, pre, batch, threads=threads, workers=workers)
+  return batches
+
+
+def _alternate(pipelines: dict[str, Callable[[], Iterator[Any]]], batch: int, steps: int,
+               rounds: int, warmup: int) -> tuple[dict[str, list[float]], dict[str, float]]:
+  """Images/s of each pipeline in each of the alternating rounds, and the bytes per image of
+  its batches. Each runs alone: started afresh for its turn and stopped after, so that no
+  other prefetches beside it."""
+  per_round = {name: [] for name in pipelines}
+  sent = {}
+  for _ in range(rounds):
+    for name, start in pipelines.items():
+      it = start()
+      for _ in range(warmup):
+        last = next(it)
+      begin = time.perf_counter()
+      for _ in range(steps):
+        next(it)
+      per_round[name].append(batch * steps / (time.perf_counter() - begin))
+      if isinstance(last, dict):
+        sent[name] = sum(v.nbytes for v in last.values()) / batch
+      del it  # stops its background reads before the next pipeline's turn
+  return per_round, sent
+
+
+# What the stores section measures: each preset from the store it is meant for.
+STORE_PRESETS = {"paper": ("paper", "paper", None), "torchvision": ("shorter", "torchvision", None),
+                 "center_crop": ("shorter", "paper", "center_crop")}
+
+
+def _bench_stores(folder: str, batch: int, steps: int, rounds: int, warmup: int, threads: int,
+                  workers: int) -> dict[str, Any]:
+  """The loader end to end on every core, from stores prepared from ``folder``, against the
+  bare decode of each store's files."""
+  from alexnet_jax.data import prepare, sources
+
+  stores = {}
+  for mode in ("paper", "shorter"):
+    out = os.path.join(folder, f"store-{mode}")
+    prepare.prepare(f"folder:{os.path.join(folder, 'files')}", out, mode=mode, size=256,
+                    splits=["train"])
+    stores[mode] = sources.PreparedSource(out, "train")
+  pipelines = {f"decode:{mode}": (lambda s=s: _bare_decode(s, batch, threads))
+               for mode, s in stores.items()}
+  for name, (mode, train, evaluate) in STORE_PRESETS.items():
+    pipelines[name] = _loader(stores[mode], batch, threads, workers, train, evaluate)
+  per_round, _ = _alternate(pipelines, batch, steps, rounds, warmup)
   cores = _cores()
-  result: dict[str, Any] = {"cores": cores, "batch": batch, "files": {}}
-  for kind in kinds:
+  decode = {mode: statistics.median(per_round[f"decode:{mode}"]) for mode in stores}
+  loader = {}
+  for name, (mode, _, _) in STORE_PRESETS.items():
+    total = statistics.median(per_round[name])
+    loader[name] = {"store": mode, "ips_total": total, "ips_per_core": total / cores,
+                    "ratio_to_decode": total / decode[mode], "rounds_ips_total": per_round[name]}
+  return {
+      "decode_ips_total": decode["paper"],
+      "stores": {mode: {"decode_ips_total": decode[mode],
+                        "mean_jpeg_kb": sum(os.path.getsize(p) for p in s.paths) / len(s) / 1024}
+                 for mode, s in stores.items()},
+      "loader": loader}
+
+
+def _bench_files(folder: str, batch: int, steps: int, rounds: int, warmup: int, threads: int,
+                 workers: int) -> dict[str, Any]:
+  """Every preset on the original files, per core, against their bare decode."""
+  from alexnet_jax.data import host, sources
+
+  source = sources.FolderSource(os.path.join(folder, "files"), "train")
+  pipelines = {"decode": lambda: _bare_decode(source, batch, threads)}
+  pipelines.update({p: _loader(source, batch, threads, workers, p) for p in host.TRAIN_PRESETS})
+  pipelines.update({p: _loader(source, batch, threads, workers, eval_preset=p)
+                    for p in host.EVAL_PRESETS if p != "small"})
+  per_round, sent = _alternate(pipelines, batch, steps, rounds, warmup)
+  cores = _cores()
+  per_core = {name: [x / cores for x in v] for name, v in per_round.items()}
+  decode = statistics.median(per_core.pop("decode"))
+  return {"mean_jpeg_kb": sum(os.path.getsize(f) for f in source.files) / len(source) / 1024,
+          "decode_ips_per_core": decode,
+          "presets": {name: {"ips_per_core": statistics.median(v),
+                             "ratio_to_decode": statistics.median(v) / decode,
+                             "rounds_ips_per_core": v,
+                             "host_to_device_bytes_per_image": sent[name]}
+                      for name, v in per_core.items()}}
+
+
+def bench_data(batch: int = 128, steps: int = 8, rounds: int = 3, images: int = 1024,
+               kinds: Sequence[str] = ("photos",), warmup: int = 2, threads: int = 0,
+               workers: int = 0, stores: bool = True) -> dict[str, Any]:
+  """The input pipeline's images/s. ``stores``: the loader end to end from stores prepared at
+  256 (``paper`` from a paper store, ``torchvision`` and ``center_crop`` from a shorter one)
+  against the bare decode of the same files, all in total over every core; then every preset
+  on the original 500x375 files of each kind, per core. Alternating rounds, median kept."""
+  threads = threads or _cores()
+  result: dict[str, Any] = {"cores": _cores(), "batch": batch, "threads": threads,
+                            "workers": workers, "files": {}}
+  for i, kind in enumerate(kinds):
     with tempfile.TemporaryDirectory() as folder:
-      FILE_KINDS[kind](folder, images)
-      mean_kb = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(folder)
-                    for f in fs) / images / 1024
-      pipelines = _data_pipelines(folder, batch)
-      per_round = {name: [] for name in pipelines}
-      sent = {}  # bytes per image of a batch as it goes to the devices
-      for _ in range(rounds):
-        for name, start in pipelines.items():
-          it = start()
-          for _ in range(warmup):
-            last = next(it)
-          begin = time.perf_counter()
-          for _ in range(steps):
-            next(it)
-          per_round[name].append(batch * steps / (time.perf_counter() - begin) / cores)
-          if isinstance(last, dict):
-            sent[name] = sum(v.nbytes for v in last.values()) / batch
-          del it  # stops its background reads before the next pipeline's turn
-      decode = statistics.median(per_round.pop("decode"))
-      result["files"][kind] = {
-          "mean_jpeg_kb": mean_kb, "decode_ips_per_core": decode,
-          "presets": {name.split(":")[1]: {"ips_per_core": statistics.median(v),
-                                           "ratio_to_decode": statistics.median(v) / decode,
-                                           "rounds_ips_per_core": v,
-                                           "host_to_device_bytes_per_image": sent[name]}
-                      for name, v in per_round.items()}}
-  main = result["files"]["photos" if "photos" in kinds else kinds[0]]
-  result.update(decode_ips_per_core=main["decode_ips_per_core"], presets=main["presets"])
+      FILE_KINDS[kind](os.path.join(folder, "files"), images)
+      if stores and i == 0:
+        result["store_files"] = kind
+        result.update(_bench_stores(folder, batch, steps, rounds, warmup, threads, workers))
+      result["files"][kind] = _bench_files(folder, batch, steps, rounds, warmup, threads,
+                                           workers)
   return result
 
 
 def _print_data(r: dict[str, Any]) -> None:
+  cores = f"{r['cores']} cores, {r['threads']} threads, {r['workers']} Grain workers"
+  if "loader" in r:
+    print(f"From stores prepared at 256 ({r['store_files']} JPEGs), batch {r['batch']}, {cores}; "
+          "images/s in total (median of the rounds):")
+    for mode, store in r["stores"].items():
+      print(f"  {'bare decode, ' + mode + ' store':<32}{store['decode_ips_total']:>9.0f}   "
+            f"(mean {store['mean_jpeg_kb']:.0f} KiB)")
+    for name, p in r["loader"].items():
+      print(f"  {name + ' loader, ' + p['store'] + ' store':<32}{p['ips_total']:>9.0f}   "
+            f"{p['ips_per_core']:>7.0f}/core   {100 * p['ratio_to_decode']:>4.0f}% of decode")
   for kind, f in r["files"].items():
     print(f"{kind} JPEGs, 500x375 (mean {f['mean_jpeg_kb']:.0f} KiB), batch {r['batch']}, "
-          f"{r['cores']} cores; images/s per core (median of the rounds):")
+          f"{cores}; images/s per core (median of the rounds):")
     print(f"  {'bare decode (the limit)':<24}{f['decode_ips_per_core']:>8.0f}")
     for name, p in f["presets"].items():
       stage = "eval" if name in ("center_crop", "ten_crop") else "train"
@@ -375,6 +451,7 @@ def _print_train(variant: str, batch: int, r: dict[str, Any]) -> None:
         f"temporaries), process peak RSS {r['peak_rss_mb']:.0f} MiB (both frameworks)")
 
 
+@extras.needed_by("python -m alexnet_jax.bench")
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m alexnet_jax.bench", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -388,20 +465,27 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--no_winograd", action="store_true",
                  help="time XLA's direct convolutions instead of the CPU default (Winograd)")
   p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
-  d = sub.add_parser("data", help="the host input pipeline's presets vs bare JPEG decode")
-  d.add_argument("--files", choices=(*FILE_KINDS, "both"), default="both",
+  d = sub.add_parser("data", help="the input pipeline: loader end to end vs bare JPEG decode")
+  d.add_argument("--files", choices=(*FILE_KINDS, "both"), default="photos",
                  help="JPEGs cut from real photos, synthetic ones, or both")
-  d.add_argument("--batch", type=int, default=32)
-  d.add_argument("--steps", type=int, default=10, help="timed batches per pipeline and round")
+  d.add_argument("--batch", type=int, default=128)
+  d.add_argument("--steps", type=int, default=8, help="timed batches per pipeline and round")
   d.add_argument("--rounds", type=int, default=3, help="alternating timed rounds (median kept)")
-  d.add_argument("--images", type=int, default=512,
-                 help="JPEGs to write of each kind (more than a round reads, so no epoch ends in it)")
+  d.add_argument("--images", type=int, default=1024,
+                 help="JPEGs to write of each kind (more than a round reads: no epoch ends in it)")
+  d.add_argument("--threads", type=int, default=0, help="loader threads (0 = one per core)")
+  d.add_argument("--workers", type=int, default=0, help="Grain worker processes (0 = none)")
+  d.add_argument("--no_stores", action="store_true",
+                 help="only the presets on the original files, no prepared stores")
   d.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
   args = parser.parse_args(argv)
   counts = ([args.batch, args.rounds, args.iters] if args.what == "train"
             else [args.batch, args.steps, args.rounds, args.images])
-  if min(counts) < 1:
-    parser.error("sizes and counts must be positive")
+  if min(counts) < 1 or (args.what == "data" and min(args.threads, args.workers) < 0):
+    parser.error("sizes and counts must be positive (threads and workers: 0 or more)")
+  # Up front, all at once: the first missing module would otherwise stop a run minutes in.
+  extras.require(parser.prog, *(("torch", "grain") if args.what == "train"
+                                else ("PIL", "simplejpeg", "cv2", "grain")))
 
   if args.what == "train":
     result = bench_train(args.variant, args.batch, args.rounds, args.iters,
@@ -411,7 +495,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.images < args.batch:
       parser.error(f"--images ({args.images}) must be at least --batch ({args.batch})")
     kinds = tuple(FILE_KINDS) if args.files == "both" else (args.files,)
-    result = bench_data(args.batch, args.steps, args.rounds, args.images, kinds)
+    result = bench_data(args.batch, args.steps, args.rounds, args.images, kinds,
+                        threads=args.threads, workers=args.workers, stores=not args.no_stores)
     _print_data(result)
   if args.json:
     with open(args.json, "w") as f:

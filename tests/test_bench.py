@@ -50,23 +50,37 @@ def test_bench_rejects_bad_counts():
     bench.main(["train", "--batch", "0"])
 
 
-def test_bench_data_reports_every_preset_against_bare_decode(tmp_path, capsys):
+def test_bench_data_reports_the_loader_from_stores_and_every_preset_against_bare_decode(
+    tmp_path, capsys):
   out = tmp_path / "data.json"
-  assert bench.main(["data", "--files", "photos", "--images", "32", "--batch", "8", "--steps",
-                     "1", "--rounds", "2", "--json", str(out)]) == 0
+  assert bench.main(["data", "--images", "32", "--batch", "8", "--steps", "1", "--rounds", "2",
+                     "--threads", "2", "--json", str(out)]) == 0
   result = json.loads(out.read_text())
-  decode = result["decode_ips_per_core"]
-  assert decode > 0 and result["files"]["photos"]["decode_ips_per_core"] == decode
-  assert set(result["presets"]) == {"paper", "torchvision", "small", "small_noflip",
-                                    "center_crop", "ten_crop"}
-  for name, figures in result["presets"].items():
+  assert result["threads"] == 2 and result["workers"] == 0 and result["cores"] >= 1
+  # The schema: the loader end to end from the stores, against their bare decode.
+  assert result["decode_ips_total"] == result["stores"]["paper"]["decode_ips_total"] > 0
+  assert {name: p["store"] for name, p in result["loader"].items()} == {
+      "paper": "paper", "torchvision": "shorter", "center_crop": "shorter"}
+  for name, p in result["loader"].items():
+    decode = result["stores"][p["store"]]["decode_ips_total"]
+    assert len(p["rounds_ips_total"]) == 2 and p["ips_total"] > 0, name
+    assert p["ratio_to_decode"] == pytest.approx(p["ips_total"] / decode)
+    assert p["ips_per_core"] == pytest.approx(p["ips_total"] / result["cores"])
+  # Stored at 256: a paper store's images are smaller files than the shorter store's.
+  assert 0 < result["stores"]["paper"]["mean_jpeg_kb"] < result["stores"]["shorter"]["mean_jpeg_kb"]
+  files = result["files"]["photos"]
+  decode = files["decode_ips_per_core"]
+  assert set(files["presets"]) == {"paper", "torchvision", "small", "small_noflip",
+                                   "center_crop", "ten_crop"}
+  for name, figures in files["presets"].items():
     assert len(figures["rounds_ips_per_core"]) == 2 and figures["ips_per_core"] > 0, name
     assert figures["ratio_to_decode"] == pytest.approx(figures["ips_per_core"] / decode)
   # uint8 pixels, int32 labels, a flip flag (and for paper 3 float32 colours; ten_crop sends
   # 10 views, no flip)
-  train = result["presets"]["torchvision"]["host_to_device_bytes_per_image"]
+  train = files["presets"]["torchvision"]["host_to_device_bytes_per_image"]
   assert train == 224 * 224 * 3 + 4 + 1
-  assert result["presets"]["paper"]["host_to_device_bytes_per_image"] == train + 12
-  assert result["presets"]["ten_crop"]["host_to_device_bytes_per_image"] == 10 * 224 * 224 * 3 + 5
+  assert files["presets"]["paper"]["host_to_device_bytes_per_image"] == train + 12
+  assert files["presets"]["ten_crop"]["host_to_device_bytes_per_image"] == 10 * 224 * 224 * 3 + 5
   printed = capsys.readouterr().out
   assert "bare decode (the limit)" in printed and "% of decode" in printed
+  assert "paper loader, paper store" in printed and "/core" in printed
