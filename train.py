@@ -16,8 +16,12 @@ and exits 0; rerunning the command resumes.
 import os
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from alexnet_jax import extras
+
+COMMAND = "python train.py"
+with extras.needed_by(COMMAND):  # without the train extra: one line naming it, no traceback
+  from absl import app, flags, logging
+  from ml_collections import config_flags
 
 try:  # ml_collections applies the --config.FIELD overrides here, when the flag is defined
   _CONFIG = config_flags.DEFINE_config_file(
@@ -69,13 +73,15 @@ def main(argv):
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                          auto_detect=_DISTRIBUTED.value,
                          heartbeat_timeout_seconds=_HEARTBEAT.value)
-  from alexnet_jax import training
+  with extras.needed_by(COMMAND):
+    from alexnet_jax import training
 
   run = training.train_and_evaluate if _MODE.value == "train" else training.evaluate_checkpoint
 
   def job():
     try:
-      run(_CONFIG.value, _WORKDIR.value)
+      with extras.needed_by(COMMAND):  # inside: USER_ERRORS has ImportError, unnamed extras
+        run(_CONFIG.value, _WORKDIR.value)
     except training.USER_ERRORS as e:
       if flags.FLAGS["verbosity"].present:  # asked for details: the traceback too
         raise

@@ -18,6 +18,7 @@ import os
 import sys
 from typing import Any, Sequence
 
+from alexnet_jax import extras
 from alexnet_jax.models import VARIANTS, count_params
 from alexnet_jax.pretrained import (FLAX_SUFFIXES, TORCH_SUFFIXES, load_params, save_params,
                                     write_atomically)
@@ -55,6 +56,7 @@ def convert(src: str, dst: str, variant: str, overrides: dict[str, Any]) -> str:
   return f"{src} -> {dst}: {variant}, {count_params(params):,} parameters"
 
 
+@extras.needed_by("python -m alexnet_jax.convert")  # torch, for either direction
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m alexnet_jax.convert", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -18,6 +18,10 @@ rounding, not a bug, but it moves conv kernel gradients by up to ~1e-2. Such bat
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the imports below: without torch, one line, no traceback
+  from alexnet_jax import extras
+  extras.require("python -m alexnet_jax.parity", "torch")
+
 import argparse
 import dataclasses
 import functools

@@ -15,6 +15,7 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any, Sequence
 
+from alexnet_jax import extras
 from alexnet_jax.metric_log import METRICS_FILE, read_metrics
 
 if TYPE_CHECKING:
@@ -90,6 +91,7 @@ def plot_metrics(workdir: str, out: str | None = None) -> str:
   return out
 
 
+@extras.needed_by("python -m alexnet_jax.plot")  # matplotlib, of the train extra
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m alexnet_jax.plot", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from alexnet_jax import ops, pretrained
+from alexnet_jax import extras, ops, pretrained
 from alexnet_jax.models import VARIANTS, AlexNet, create_model
 
 
@@ -115,8 +115,14 @@ def predict(files: Sequence[str], model: AlexNet, params: Any, topk: int = 5,
   yield from flush()
 
 
+COMMAND = "python -m alexnet_jax.predict"
+# The image decoders and resizer, checked before the weights load (which can mean a download).
+DECODERS = ("PIL", "simplejpeg", "cv2")
+
+
+@extras.needed_by(COMMAND)
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m alexnet_jax.predict", description=__doc__,
+  parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("paths", nargs="+", metavar="IMAGE_OR_FOLDER")
   parser.add_argument("--weights", default="torchvision",
@@ -131,6 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parser.parse_args(argv)
   if args.topk < 1 or args.batch < 1 or (args.num_classes or 1) < 1:
     parser.error("--topk, --batch and --num-classes must be >= 1")
+  extras.require(COMMAND, *DECODERS)
   overrides = {} if args.num_classes is None else {"num_classes": args.num_classes}
   try:
     files = find_images(args.paths)
@@ -139,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = create_model(args.variant, **overrides)
     params = pretrained.load_weights(args.weights, model, args.variant, what="--weights")
   except (ValueError, OSError, ImportError) as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(extras.describe(COMMAND, e), file=sys.stderr)  # an extra's missing module: which extra
     return 1
   names = class_names() if model.num_classes == 1000 else None
   name = lambda k: names[k] if names else f"class {k}"

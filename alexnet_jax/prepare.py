@@ -3,7 +3,14 @@
 
 import sys
 
-from alexnet_jax.data.prepare import main
+from alexnet_jax import extras
+
+COMMAND = "python -m alexnet_jax.prepare"
 
 if __name__ == "__main__":
-  sys.exit(main())
+  # Before alexnet_jax.data.prepare, which imports Grain; TFDS, sklearn and TensorFlow are named
+  # when a source needs them.
+  extras.require(COMMAND, "grain", "array_record", "simplejpeg", "PIL", "cv2")
+  with extras.needed_by(COMMAND):
+    from alexnet_jax.data.prepare import main
+    sys.exit(main())
