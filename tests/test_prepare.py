@@ -201,3 +201,17 @@ def test_tfds_source_prepares_in_worker_processes_and_feeds_grain_workers(tmp_pa
   stored = _records(tmp_path / "s", "train")
   assert [label for _, label in stored] == [src[i][1] for i in range(len(src))]
   assert host.decode(stored[0][0], 3).shape == (16, 19, 3)  # 20x24, shorter side to 16
+
+
+def test_a_flipped_bit_in_a_shard_stops_the_read_naming_the_file(small_store, tmp_path):
+  damaged = tmp_path / "s"
+  shutil.copytree(small_store, damaged)
+  shard = damaged / "val-00000-of-00003.array_record"
+  src = sources.PreparedSource(str(damaged), "val")
+  data = bytearray(shard.read_bytes())
+  data[data.index(src[1][0][100:140]) + 20] ^= 0x01  # inside a JPEG: the size check cannot see it
+  shard.write_bytes(bytes(data))
+  src = sources.PreparedSource(str(damaged), "val")
+  with pytest.raises(sources.StoreError, match=f"{shard} record .* cannot be read .*hash"):
+    for i in range(len(src)):
+      src[i]

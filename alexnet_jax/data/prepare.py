@@ -92,7 +92,8 @@ def _write_shard(out_dir: str, split: str, shard: int, num_shards: int, start: i
   partial = path + ".partial"
   skipped = []
   # group_size:1 makes each record its own chunk: random access reads only that record.
-  writer = array_record_module.ArrayRecordWriter(partial, "group_size:1")
+  # Uncompressed: JPEG bytes do not compress, and each read would pay for trying.
+  writer = array_record_module.ArrayRecordWriter(partial, "group_size:1,uncompressed")
   try:
     for i in range(start, end):
       where = source.describe(i) if hasattr(source, "describe") else f"{split} example {i}"
