@@ -13,6 +13,7 @@ import dataclasses
 import fcntl
 import hashlib
 import http.client
+import importlib.util
 import os
 import re
 import sys
@@ -196,6 +197,11 @@ def fetch(name: str = "alexnet", *, url: str | None = None, progress: bool = Tru
 def _convert(entry: Published, folder: str, converted: str, progress: bool) -> None:
   placed = [os.path.join(folder, entry.filename), os.path.join(torch_hub_dir(), entry.filename)]
   source = next((p for p in placed if os.path.exists(p)), None)
+  needs_torch = ImportError(f"converting {entry.filename} needs PyTorch once: pip install "
+                            "'alexnet-jax[torch]'; later loads read the converted copy "
+                            f"{converted} without it")
+  if importlib.util.find_spec("torch") is None:  # before a download it could not convert
+    raise needs_torch
   downloaded = source is None
   if downloaded:
     source = os.path.join(folder, f"{entry.filename}.part-{os.getpid()}")
@@ -212,9 +218,7 @@ def _convert(entry: Published, folder: str, converted: str, progress: bool) -> N
     try:
       state_dict = torch_interop.load_torch_state_dict(source)
     except ImportError as e:
-      raise ImportError(f"converting {entry.filename} needs PyTorch once: pip install "
-                        "'alexnet-jax[torch]'; later loads read the converted copy "
-                        f"{converted} without it") from e
+      raise needs_torch from e
     save_params(converted, torch_interop.params_from_torch(state_dict, entry.variant))
   finally:
     if downloaded:  # the converted copy replaces the download, and a bad one is not kept

@@ -95,6 +95,16 @@ def test_the_hub_cache_is_used_and_a_wrong_hash_is_refused(server, caches):
   assert not (cache / "alexnet-owt-0badf00d.pth").exists()
 
 
+def test_without_torch_nothing_is_downloaded_that_could_not_be_converted(server, caches,
+                                                                          monkeypatch, capsys):
+  cache, _ = caches
+  monkeypatch.setitem(sys.modules, "torch", None)
+  with pytest.raises(ImportError, match=r"needs PyTorch once: pip install 'alexnet-jax\[torch\]'"):
+    pretrained.load("alexnet", url=server["url"])
+  assert "downloading" not in capsys.readouterr().err
+  assert not [f for f in os.listdir(cache) if f != ".lock"] if cache.exists() else True
+
+
 def test_offline_is_one_clear_error(caches):
   _, hub = caches
   with pytest.raises(OSError) as e:
