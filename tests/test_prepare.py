@@ -117,6 +117,28 @@ def test_digits_store_trains_and_matches_a_clean_run_after_kill_9(tmp_path):
     assert [json.loads(line).get("eval_count") for line in f][-1] == 1437
 
 
+def test_ctrl_c_keeps_the_finished_shards_and_says_how_to_finish(tmp_path):
+  store = tmp_path / "s"
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "alexnet_jax.prepare", "digits", str(store), "--mode", "shorter",
+       "--size", "28", "--shard_size", "8", "--workers", "2", "--splits", "train"],
+      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  progress = store / prepare.PROGRESS_DIR
+  deadline = time.time() + 120
+  while len([f for f in os.listdir(progress) if f.endswith(".array_record.json")]
+            if progress.exists() else []) < 2:
+    assert proc.poll() is None and time.time() < deadline, "prepare ended before the signal"
+    time.sleep(0.01)
+  proc.send_signal(signal.SIGINT)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 130 and "Traceback" not in err, err
+  assert err.strip().splitlines() == [f"prepare: interrupted; the finished shards are kept in "
+                                      f"{store}: run the same command again to finish"]
+  assert not (store / "metadata.json").exists()
+  done = [f for f in os.listdir(progress) if f.endswith(".array_record.json")]
+  assert all((store / f[:-len(".json")]).exists() for f in done) and len(done) < 180
+
+
 def test_rerun_with_other_settings_or_a_changed_source_is_refused(tmp_path):
   _write_folder(tmp_path / "data")
   out = str(tmp_path / "s")
@@ -183,8 +205,9 @@ def test_store_checks_the_config_fields(small_store):
     sources.PreparedSource(str(small_store), "test")
 
 
-def test_tfds_source_prepares_in_worker_processes_and_feeds_grain_workers(tmp_path):
-  """Sources pickle: prepare's spawned processes and Grain's workers read a TFDS dataset."""
+def test_tfds_source_feeds_grain_workers_and_prepares(tmp_path):
+  """A TFDS source pickles into Grain's worker processes (without its builder's class), and
+  prepare reads it."""
   pytest.importorskip("tensorflow", reason="preparing a TFDS dataset needs the 'tfds' extra")
   data_dir = str(tmp_path / "tfds")
   _tiny_tfds_builder()(data_dir=data_dir, file_format="array_record").download_and_prepare()

@@ -18,7 +18,6 @@ import argparse
 import concurrent.futures
 import json
 import math
-import multiprocessing
 import os
 import shutil
 import sys
@@ -75,18 +74,9 @@ def shard_name(split: str, shard: int, num_shards: int) -> str:
   return f"{split}-{shard:05d}-of-{num_shards:05d}.array_record"
 
 
-# The worker side: one shard per task, the split's sources set once per worker process.
-_SOURCES: dict[str, Any] = {}
-
-
-def _init_worker(split_sources: dict[str, Any]) -> None:
-  _SOURCES.update(split_sources)
-
-
-def _write_shard(out_dir: str, split: str, shard: int, num_shards: int, start: int, end: int,
-                 mode: str, size: int, quality: int) -> dict[str, Any]:
+def _write_shard(source: Any, out_dir: str, split: str, shard: int, num_shards: int, start: int,
+                 end: int, mode: str, size: int, quality: int) -> dict[str, Any]:
   from array_record.python import array_record_module  # pylint: disable=import-outside-toplevel
-  source = _SOURCES[split]
   name = shard_name(split, shard, num_shards)
   path = os.path.join(out_dir, name)
   partial = path + ".partial"
@@ -96,16 +86,18 @@ def _write_shard(out_dir: str, split: str, shard: int, num_shards: int, start: i
   writer = array_record_module.ArrayRecordWriter(partial, "group_size:1,uncompressed")
   try:
     for i in range(start, end):
-      where = source.describe(i) if hasattr(source, "describe") else f"{split} example {i}"
       try:
         image, label = source[i]
         pixels = store_view(image, mode, size, source.channels)
       except (OSError, host.DecodeError) as e:
+        where = source.describe(i) if hasattr(source, "describe") else f"{split} example {i}"
         skipped.append(f"{where}\t{e}")
         continue
       writer.write(sources.store_record(encode_jpeg(pixels, quality), label))
   finally:
     writer.close()
+  with open(partial, "rb+") as f:  # on disk before the rename says it is complete
+    os.fsync(f.fileno())
   os.replace(partial, path)
   done = {"file": name, "num_examples": end - start - len(skipped), "bytes": os.path.getsize(path),
           "skipped": skipped}
@@ -161,9 +153,10 @@ def prepare(dataset: str, out_dir: str, *, mode: str, size: int = 256, quality: 
   """Writes (or finishes writing) the store of ``dataset`` in ``out_dir``; its metadata."""
   if mode not in MODES:
     raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
-  if size < 1 or not 1 <= quality <= 100 or shard_size < 1:
-    raise ValueError(f"size and shard_size must be positive and quality in 1..100; got size "
-                     f"{size}, shard_size {shard_size}, quality {quality}")
+  if size < 1 or not 1 <= quality <= 100 or shard_size < 1 or (workers or 0) < 0:
+    raise ValueError(f"size and shard_size must be positive, quality in 1..100 and workers 0 or "
+                     f"more; got size {size}, shard_size {shard_size}, quality {quality}, "
+                     f"workers {workers}")
   splits = list(splits or splits_of(dataset, data_dir))
   split_sources = {split: sources.create_source(dataset, split, data_dir=data_dir,
                                                 manual_dir=manual_dir) for split in splits}
@@ -192,38 +185,28 @@ def prepare(dataset: str, out_dir: str, *, mode: str, size: int = 256, quality: 
       name = shard_name(split, shard, len(bounds))
       done = _finished(out_dir, name)
       if done is None:
-        tasks.append((out_dir, split, shard, len(bounds), start, end, mode, size, quality))
+        tasks.append((source, out_dir, split, shard, len(bounds), start, end, mode, size,
+                      quality))
       finished[name] = done
   total = sum(len(s) for s in split_sources.values())
-  progress = _Progress(total, total - sum(t[5] - t[4] for t in tasks))
+  progress = _Progress(total, total - sum(t[6] - t[5] for t in tasks))
   kept = len(finished) - len(tasks)
   print(f"prepare: {dataset} -> {out_dir} ({mode}, size {size}, quality {quality}): "
         f"{total:,} images in {len(finished)} shards"
         + (f", {kept} already written" if kept else ""), flush=True)
-  workers = workers or loader.default_threads()
-  if workers == 1 or len(tasks) <= 1:
-    _init_worker(split_sources)
-    results = (_write_shard(*task) for task in tasks)
-    _collect(results, finished, progress)
-  else:
-    # spawn, not fork: the parent may have started JAX's threads (digits), which fork breaks.
-    with concurrent.futures.ProcessPoolExecutor(
-        min(workers, len(tasks)), mp_context=multiprocessing.get_context("spawn"),
-        initializer=_init_worker, initargs=(split_sources,)) as pool:
-      futures = [pool.submit(_write_shard, *task) for task in tasks]
-      try:
-        _collect((f.result() for f in concurrent.futures.as_completed(futures)), finished,
-                 progress)
-      except BaseException:
-        pool.shutdown(wait=True, cancel_futures=True)  # keeps the shards that were finishing
-        raise
+  # Threads, not processes: reading, decoding, resizing and encoding all release the GIL, and
+  # the Python left per image is a few percent of a full-size image's work.
+  with concurrent.futures.ThreadPoolExecutor(workers or loader.default_threads()) as pool:
+    futures = [pool.submit(_write_shard, *task) for task in tasks]
+    try:
+      for future in concurrent.futures.as_completed(futures):
+        done = future.result()
+        finished[done["file"]] = done
+        progress.add(done["num_examples"], len(done["skipped"]))
+    except BaseException:
+      pool.shutdown(wait=True, cancel_futures=True)  # lets the shards in progress finish
+      raise
   return _finish(out_dir, settings, split_sources, finished)
-
-
-def _collect(results: Any, finished: dict[str, Any], progress: _Progress) -> None:
-  for done in results:
-    finished[done["file"]] = done
-    progress.add(done["num_examples"], len(done["skipped"]))
 
 
 def _check_same_settings(out_dir: str, before: dict[str, Any], settings: dict[str, Any]
@@ -271,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--size", type=int, default=256, help="shorter side (paper: square side)")
   parser.add_argument("--quality", type=int, default=90, help="JPEG quality, 1..100")
   parser.add_argument("--splits", help="comma-separated (default: every split of the source)")
-  parser.add_argument("--workers", type=int, default=0, help="processes (0 = one per core)")
+  parser.add_argument("--workers", type=int, default=0, help="threads (0 = one per core)")
   parser.add_argument("--shard_size", type=int, default=1024, help="images per shard")
   parser.add_argument("--data_dir", default=None, help="TFDS data_dir")
   parser.add_argument("--manual_dir", default=None, help="TFDS manual_dir (imagenet2012)")
@@ -280,7 +263,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     prepare(args.source, args.out_dir, mode=args.mode, size=args.size, quality=args.quality,
             splits=args.splits.split(",") if args.splits else None, workers=args.workers,
             shard_size=args.shard_size, data_dir=args.data_dir, manual_dir=args.manual_dir)
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, OSError, ImportError) as e:
     print(f"error: {e}", file=sys.stderr)
-    return 2
+    return 1
+  except KeyboardInterrupt:
+    print(f"prepare: interrupted; the finished shards are kept in {args.out_dir}: run the same "
+          "command again to finish", file=sys.stderr)
+    return 130
   return 0
