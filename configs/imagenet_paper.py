@@ -1,6 +1,10 @@
 """The 2012 paper's recipe: alexnet_paper, batch 128, lr .01 divided by 10 when the validation
 error plateaus, momentum .9, weight decay 5e-4, paper init and augmentation, 10-crop eval, 90
-epochs. Set ``--config.schedule=multistep`` to drop at fixed epochs instead."""
+epochs. Set ``--config.schedule=multistep`` to drop at fixed epochs instead.
+
+Fastest from the paper's own storage, a store of 256x256 images:
+``python -m alexnet_jax.prepare imagenet2012 STORE --mode paper --size 256``, then
+``--config.dataset=prepared:STORE``."""
 
 from configs import imagenet_torchvision
 
