@@ -7,6 +7,7 @@ checkpoint does not depend on the number of devices that wrote it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -323,9 +324,10 @@ def evaluate(steps: Steps, params: Any, source: Any, preprocess: host.Preprocess
   """Loss, top-1 and top-5 over every example of ``source`` exactly once."""
   totals = None
   batches = loader.eval_batches(source, preprocess, batch_size, threads=threads, workers=workers)
-  for batch in loader.prefetch_to_device(batches, prefetch, steps.put):
-    sums = steps.eval(params, batch)
-    totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
+  with contextlib.closing(loader.prefetch_to_device(batches, prefetch, steps.put)) as placed:
+    for batch in placed:
+      sums = steps.eval(params, batch)
+      totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
   totals = jax.device_get(totals)
   count = float(totals.pop("count"))
   return {k: float(v) / count for k, v in totals.items()} | {"eval_count": count}
@@ -437,7 +439,7 @@ def _train(config: Any, workdir: str, state: TrainState, steps: Steps, manager: 
   halt = config.halt_at_step if config.halt_at_step > 0 else num_steps
   train_iter = loader.TrainLoader(train_source, preprocess, config.batch_size, seed=config.seed,
                                   start_step=start_step, **_loader_options(config))
-  batches = loader.prefetch_to_device(train_iter, config.prefetch, steps.put)
+  batches = contextlib.closing(loader.prefetch_to_device(train_iter, config.prefetch, steps.put))
   if main_process:
     print(f"{config.model} on {config.dataset}: {num_steps} steps of {config.batch_size} "
           f"({steps_per_epoch} per epoch), {config.parallel} over {steps.num_devices} device(s)",
@@ -445,9 +447,9 @@ def _train(config: Any, workdir: str, state: TrainState, steps: Steps, manager: 
 
   pending, window_start, start = [], time.time(), time.time()
   step, saving = start_step, None  # the step of a save still being written in the background
-  with preemption.Watcher() as watcher, log:
+  with preemption.Watcher() as watcher, log, batches as placed:
     while step < min(num_steps, halt):
-      state, metrics = steps.train(state, next(batches))
+      state, metrics = steps.train(state, next(placed))
       step += 1
       if saving is not None and not manager.is_saving_in_progress():
         _finish_save(manager, saving)

@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import jax
 import numpy as np
@@ -384,6 +386,32 @@ def test_prefetch_to_device_keeps_order_and_values():
   got = list(loader.prefetch_to_device(iter(batches), 2, jax.device_put))
   assert [int(b["x"][0, 0]) for b in got] == list(range(5))
   assert all(isinstance(b["x"], jax.Array) for b in got)
+
+
+def test_prefetch_to_device_raises_the_threads_error_and_stops_when_closed():
+  def failing():
+    yield {"x": np.zeros(2)}
+    raise ValueError("a bad image")
+
+  it = loader.prefetch_to_device(failing(), 2, jax.device_put)
+  assert int(next(it)["x"][0]) == 0
+  with pytest.raises(ValueError, match="a bad image"):
+    next(it)
+  pulled = []
+
+  def endless():
+    while True:
+      pulled.append(len(pulled))
+      yield {"x": np.full(2, pulled[-1])}
+
+  it = loader.prefetch_to_device(endless(), 2, jax.device_put)
+  assert [int(next(it)["x"][0]) for _ in range(3)] == [0, 1, 2]
+  it.close()
+  deadline = time.time() + 10
+  while any(t.name == "prefetch_to_device" for t in threading.enumerate()):
+    assert time.time() < deadline, "the prefetch thread outlived its generator"
+    time.sleep(0.01)
+  assert len(pulled) <= 3 + 2 + 1  # taken, queued, in hand: no more read after the close
 
 
 def test_grain_worker_processes_give_the_same_batches():

@@ -16,7 +16,9 @@ from __future__ import annotations
 import collections
 import math
 import os
+import queue
 import sys
+import threading
 from typing import Any, Callable, Iterator
 
 import grain
@@ -172,21 +174,58 @@ def eval_batches(source: Any, preprocess: host.Preprocess, global_batch: int, *,
   yield from _iterate(grain.MapDataset.range(steps).map(batch), threads, workers)
 
 
+class _Failed:
+  def __init__(self, error: BaseException):
+    self.error = error
+
+
+_END = object()
+
+
 def prefetch_to_device(iterator: Iterator[dict[str, np.ndarray]], size: int,
                        put: Callable[[np.ndarray], Any]) -> Iterator[dict[str, Any]]:
-  """Keeps ``size`` batches in flight to the devices so the step never waits on the transfer.
+  """Batches of ``iterator`` put on the devices by a background thread, up to ``size`` ahead.
 
-  ``put`` maps a host array to a device array (the steps' ``put``).
+  ``put`` maps a host array to a device array (the steps' ``put``). Off the main thread, the
+  host-to-device copy overlaps the step's dispatch instead of delaying it. The batches come in
+  order, unchanged; an error raised in the thread (by the loader or ``put``) is raised here.
+  Closing the generator stops the thread after the batch it is on, and waits for it: close it
+  (``contextlib.closing``) rather than leave it to the garbage collector, since a thread still
+  inside the loader or a transfer when the interpreter exits aborts the process.
   """
-  queue = collections.deque()
+  if size < 1:
+    raise ValueError(f"prefetch must be at least 1 batch; got {size}")
+  ready: queue.Queue = queue.Queue(maxsize=size)
+  stop = threading.Event()
 
-  def enqueue(n):
-    for batch in iterator:
-      queue.append(jax.tree_util.tree_map(put, batch))
-      if len(queue) >= n:
+  def offer(item: Any) -> bool:
+    while not stop.is_set():
+      try:
+        ready.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        continue
+    return False
+
+  def fill() -> None:
+    try:
+      for batch in iterator:
+        if not offer(jax.tree_util.tree_map(put, batch)):
+          return
+      offer(_END)
+    except BaseException as e:  # noqa: BLE001  (handed to the consumer, raised there)
+      offer(_Failed(e))
+
+  thread = threading.Thread(target=fill, name="prefetch_to_device", daemon=True)
+  thread.start()
+  try:
+    while True:
+      item = ready.get()
+      if item is _END:
         return
-
-  enqueue(size)
-  while queue:
-    yield queue.popleft()
-    enqueue(1)
+      if isinstance(item, _Failed):
+        raise item.error
+      yield item
+  finally:
+    stop.set()
+    thread.join()
