@@ -57,20 +57,45 @@ def _rounds_ips(fns: dict[str, Callable[[], Any]], batch: int, rounds: int, iter
   return per_round
 
 
-def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
-  """The machine's fp32 matmul rate under XLA, GFLOP/s: the ceiling for conv and dense layers."""
+# Dense peaks from the vendors' datasheets, TFLOP/s, by a substring of JAX's ``device_kind``
+# (first match wins). fp32 on NVIDIA GPUs is TF32's peak: JAX's default precision runs fp32
+# matmuls and convolutions as TF32 there.
+DATASHEET_TFLOPS = (
+    ("H100 PCIe", {"bfloat16": 756.0, "float32": 378.0}),
+    ("H100", {"bfloat16": 989.4, "float32": 494.7}),
+    ("H200", {"bfloat16": 989.4, "float32": 494.7}),
+    ("A100", {"bfloat16": 312.0, "float32": 156.0}),
+    ("TPU v6", {"bfloat16": 918.0}),
+    ("TPU v5 lite", {"bfloat16": 197.0}),
+    ("TPU v5", {"bfloat16": 459.0}),
+    ("TPU v4", {"bfloat16": 275.0}),
+)
+
+
+def datasheet_tflops(device_kind: str, dtype: str) -> float | None:
+  """The datasheet's dense peak for ``device_kind`` in ``dtype``, if this table knows it."""
+  for name, peaks in DATASHEET_TFLOPS:
+    if name in device_kind:
+      return peaks.get(dtype)
+  return None
+
+
+def matmul_tflops(dtype: str = "float32", size: int | None = None, repeats: int = 5) -> float:
+  """The default device's square matmul rate under XLA, TFLOP/s: the measured ceiling for conv
+  and dense layers (size 2048 on CPU, 8192 on accelerators)."""
   import jax
   import jax.numpy as jnp
 
   from alexnet_jax import ops
 
-  a = jnp.ones((size, size), jnp.float32)
+  size = size or (2048 if jax.default_backend() == "cpu" else 8192)
+  a = jnp.ones((size, size), dtype)
   mm = jax.jit(lambda a: a @ a, compiler_options=ops.compiler_options())
   mm(a).block_until_ready()
   start = time.perf_counter()
   for _ in range(repeats):
     mm(a).block_until_ready()
-  return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
+  return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e12
 
 
 def _peak_rss_mb() -> float:
@@ -78,134 +103,256 @@ def _peak_rss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def bench_train(variant: str, batch: int, rounds: int = 5, iters: int = 3, warmup: int = 2,
-                seed: int = 0, torch_compile: bool = True, winograd: bool = True
-                ) -> dict[str, Any]:
-  """Train-step and forward images/s of the library's step vs the same model in PyTorch.
+def cpu_model() -> str:
+  """The CPU's model name as the OS reports it (``/proc/cpuinfo`` on Linux)."""
+  import platform
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
 
-  JAX runs ``training.train_step`` through ``training.make_steps("jit")`` on one device, with
-  torchvision's recipe's optimizer (SGD, momentum 0.9, weight decay 1e-4);
-  PyTorch runs ``torch.optim.SGD`` with the same settings, eager and (where it works)
-  ``torch.compile``d. Same batch, fp32, alternating rounds. ``winograd=False`` times XLA's
-  direct convolutions instead of the CPU default (``ops.Implementation.winograd``).
-  """
+
+def machine() -> dict[str, Any]:
+  """What the figures were measured on."""
+  import jax
+  device = jax.devices()[0]
+  return {"jax_backend": jax.default_backend(), "device_kind": device.device_kind,
+          "device_count": jax.device_count(), "cpu_model": cpu_model(), "cores": _cores(),
+          "jax_version": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", "")}
+
+
+def torch_device() -> str | None:
+  """Where PyTorch runs beside JAX: the same kind of device, or None where PyTorch has none
+  (a TPU)."""
   import jax
   import torch
+  backend = jax.default_backend()
+  if backend == "cpu":
+    return "cpu"
+  return "cuda" if backend == "gpu" and torch.cuda.is_available() else None
 
-  from alexnet_jax import ops, optim, training
-  from alexnet_jax.models import create_model
-  from alexnet_jax.torch_interop import params_from_torch
-  from alexnet_jax.torch_reference import torch_model
 
-  # The optimizer of configs/imagenet_torchvision.py, whose other fields a step does not read.
-  recipe = types.SimpleNamespace(learning_rate=0.01, momentum=0.9, weight_decay=1e-4,
-                                 schedule="step", lr_step_epochs=30, seed=seed)
-  model = create_model(variant, impl=dataclasses.replace(ops.FAST, winograd=winograd))
-  tx = optim.create_optimizer(recipe, 1000, 10**6)
-  steps = training.make_steps("jit", model, tx, devices=jax.devices()[:1])
-  torch.manual_seed(seed)
-  net = torch_model(variant)
-  params = params_from_torch(net.state_dict(), variant)
-  state = training.place_state(training.create_train_state(recipe, model, tx, params), steps)
-  rng = np.random.default_rng(seed)
-  side = model.input_size
-  x = rng.standard_normal((batch, side, side, model.in_channels), np.float32)
-  y = rng.integers(0, model.num_classes, batch).astype(np.int32)
-  device_batch = jax.tree_util.tree_map(steps.put, {"image": x, "label": y})
+def _recipe(seed: int) -> Any:
+  """The optimizer of configs/imagenet_torchvision.py, whose other fields a step does not read."""
+  return types.SimpleNamespace(learning_rate=0.01, momentum=0.9, weight_decay=1e-4,
+                               schedule="step", lr_step_epochs=30, seed=seed)
 
-  start = time.perf_counter()
-  compiled = steps.train.lower(state, device_batch).compile()
-  compile_s = time.perf_counter() - start
-  executed_flops = compiled.cost_analysis()["flops"]
-  memory = compiled.memory_analysis()
-  forward_of = lambda m: jax.jit(lambda p, x: m.apply({"params": p}, x),
-                                 compiler_options=ops.compiler_options())
-  forward = forward_of(model)
-  # Model FLOPs are those of direct convolutions on the whole batch: Winograd's (on CPU) execute
-  # fewer, and XLA counts a loop's body (the CPU eval forward's chunks) once.
+
+def model_flops(model: Any, tx: Any, state: Any, batch: int) -> tuple[float, float]:
+  """Model FLOPs per image of a train step and of a forward: XLA's count for ``model`` with
+  direct convolutions on the whole batch, lowered for the CPU whatever the device. Winograd's (on
+  CPU) execute fewer, XLA counts a loop's body (the CPU eval forward's chunks) once, and XLA:GPU's
+  count of a compiled step leaves out the convolutions it hands to cuDNN."""
+  import jax
+  from jax.sharding import SingleDeviceSharding
+
+  from alexnet_jax import training
+
+  cpu = jax.devices("cpu")[:1]
   direct = model.clone(impl=dataclasses.replace(model.impl, winograd=False, eval_chunk=0))
-  train_flops = training.make_steps("jit", direct, tx, devices=jax.devices()[:1]).train.lower(
-      state, device_batch).cost_analysis()["flops"]
-  fwd_flops = forward_of(direct).lower(state.params, device_batch["image"]).cost_analysis()["flops"]
-  holder = {"state": state}
+  shapes = lambda tree: jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
+  side = model.input_size
+  data = {"image": jax.ShapeDtypeStruct((batch, side, side, model.in_channels), np.float32),
+          "label": jax.ShapeDtypeStruct((batch,), np.int32)}
+  train = training.make_steps("jit", direct, tx, devices=cpu).train.lower(shapes(state), data)
+  on_cpu = SingleDeviceSharding(cpu[0])
+  forward = jax.jit(lambda p, x: direct.apply({"params": p}, x), in_shardings=on_cpu,
+                    out_shardings=on_cpu).lower(shapes(state.params), data["image"])
+  return (train.cost_analysis()["flops"] / batch, forward.cost_analysis()["flops"] / batch)
 
-  def run_jax_step():
-    holder["state"], metrics = compiled(holder["state"], device_batch)
+
+@dataclasses.dataclass
+class _Timed:
+  """The callables one framework is timed with (each blocks until its work is done)."""
+  train: dict[str, Callable[[], Any]]
+  forward: dict[str, Callable[[], Any]]
+  figures: dict[str, Any]
+
+
+def _jax_side(model: Any, tx: Any, state: Any, x: np.ndarray, y: np.ndarray) -> _Timed:
+  """The library's train step (``training.make_steps("jit")`` on one device) and jitted
+  forward, compiled for this batch."""
+  import jax
+
+  from alexnet_jax import ops, training
+
+  steps = training.make_steps("jit", model, tx, devices=jax.devices()[:1])
+  batch = jax.tree_util.tree_map(steps.put, {"image": x, "label": y})
+  holder = {"state": training.place_state(state, steps)}
+  start = time.perf_counter()
+  compiled = steps.train.lower(holder["state"], batch).compile()
+  compile_s = time.perf_counter() - start
+  forward = jax.jit(lambda p, x: model.apply({"params": p}, x),
+                    compiler_options=ops.compiler_options())
+  cost = compiled.cost_analysis()
+  memory = compiled.memory_analysis()
+
+  def train():
+    holder["state"], metrics = compiled(holder["state"], batch)
     metrics["train_loss"].block_until_ready()
 
-  xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
-  yt = torch.from_numpy(y.astype(np.int64))
-  # PyTorch's two eager layouts: NCHW, and channels_last (NHWC in memory), often faster on CPU.
-  layouts = {"torch": (net, xt), "torch_channels_last": (
-      copy.deepcopy(net).to(memory_format=torch.channels_last),
+  figures = {"compile_s_jax": compile_s,
+             "executed_train_gflop_per_image": (cost or {}).get("flops", 0.0) / len(x) / 1e9,
+             "eval_chunk": model.impl.chunk(model, x.shape)}
+  if memory is not None:
+    figures["xla_train_step_memory_mb"] = (
+        memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
+        - memory.alias_size_in_bytes) / 2**20
+  return _Timed(
+      train={"jax": train},
+      forward={"jax": lambda: forward(holder["state"].params, batch["image"]).block_until_ready()},
+      figures=figures)
+
+
+def _torch_side(net: Any, x: np.ndarray, y: np.ndarray, dtype: str, device: str, recipe: Any,
+                torch_compile: bool) -> _Timed:
+  """The same model and optimizer in PyTorch on ``device``: eager NCHW and channels_last, and
+  (where it works) ``torch.compile``; bf16 by autocast, as JAX keeps fp32 params."""
+  import torch
+
+  sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+  autocast = lambda: torch.autocast(device, torch.bfloat16, enabled=dtype == "bfloat16")
+  xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(device)
+  yt = torch.from_numpy(y.astype(np.int64)).to(device)
+  layouts = {"torch": (copy.deepcopy(net).to(device), xt), "torch_channels_last": (
+      copy.deepcopy(net).to(device, memory_format=torch.channels_last),
       xt.contiguous(memory_format=torch.channels_last))}
 
-  def torch_step(module, inputs):
+  def step_of(module, inputs):
     opt = torch.optim.SGD(module.parameters(), lr=recipe.learning_rate,
                           momentum=recipe.momentum, weight_decay=recipe.weight_decay)
 
     def step():
       module.train()
       opt.zero_grad(set_to_none=True)
-      torch.nn.functional.cross_entropy(module(inputs), yt).backward()
+      with autocast():
+        loss = torch.nn.functional.cross_entropy(module(inputs), yt)
+      loss.backward()
       opt.step()
+      sync()
     return step
 
-  def torch_forward(module, inputs):
-    def forward_only():
+  def forward_of(module, inputs):
+    def forward():
       module.eval()
-      with torch.inference_mode():
+      with torch.inference_mode(), autocast():
         module(inputs)
-    return forward_only
+      sync()
+    return forward
 
-  train_fns = {"jax": run_jax_step} | {k: torch_step(*v) for k, v in layouts.items()}
-  fwd_fns = {"jax": lambda: forward(holder["state"].params, device_batch["image"]
-                                    ).block_until_ready()}
-  fwd_fns |= {k: torch_forward(*v) for k, v in layouts.items()}
-  result: dict[str, Any] = {"compile_s_jax": compile_s}
+  timed = _Timed(train={k: step_of(*v) for k, v in layouts.items()},
+                 forward={k: forward_of(*v) for k, v in layouts.items()}, figures={})
   if torch_compile:
+    module, inputs = layouts["torch_channels_last" if device == "cuda" else "torch"]
     try:
-      compiled_net = torch.compile(net)
+      step = step_of(torch.compile(copy.deepcopy(module)), inputs)
       start = time.perf_counter()
-      torch_step(compiled_net, xt)()
-      result["compile_s_torch_compile"] = time.perf_counter() - start
-      train_fns["torch_compile"] = torch_step(compiled_net, xt)
+      step()
+      timed.figures["compile_s_torch_compile"] = time.perf_counter() - start
+      timed.train["torch_compile"] = step
     except Exception as e:  # noqa: BLE001  (no C++ toolchain, unsupported platform, ...)
-      result["torch_compile_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-  fwd_rounds = _rounds_ips(fwd_fns, batch, rounds, iters, warmup)
-  train_rounds = _rounds_ips(train_fns, batch, rounds, iters, warmup)
-  median = lambda per_round: {name: statistics.median(v) for name, v in per_round.items()}
-  fwd, train = median(fwd_rounds), median(train_rounds)
-  matmul = matmul_gflops()
-  # The anchor is PyTorch's fastest eager layout, for each of train and forward.
-  anchor = lambda ips: max(layouts, key=lambda k: ips[k])
-  train_anchor, fwd_anchor = anchor(train), anchor(fwd)
-  result.update({
-      "jax_train_ips": train["jax"], "torch_train_ips": train["torch"],
-      "torch_channels_last_train_ips": train["torch_channels_last"],
-      "torch_train_anchor": train_anchor, "ratio_train": train["jax"] / train[train_anchor],
-      "jax_fwd_ips": fwd["jax"], "torch_fwd_ips": fwd["torch"],
-      "torch_channels_last_fwd_ips": fwd["torch_channels_last"],
-      "torch_fwd_anchor": fwd_anchor, "ratio_fwd": fwd["jax"] / fwd[fwd_anchor],
-      "train_gflop_per_image": train_flops / batch / 1e9,
-      "executed_train_gflop_per_image": executed_flops / batch / 1e9,
-      "jax_train_gflops": train_flops / batch * train["jax"] / 1e9,
-      "jax_fwd_gflops": fwd_flops / batch * fwd["jax"] / 1e9,
-      "fwd_gflop_per_image": fwd_flops / batch / 1e9,
-      "matmul_gflops": matmul,
-      "xla_train_step_memory_mb": (memory.argument_size_in_bytes + memory.output_size_in_bytes
-                                   + memory.temp_size_in_bytes
-                                   - memory.alias_size_in_bytes) / 2**20,
-      "peak_rss_mb": _peak_rss_mb(), "torch_threads": torch.get_num_threads(),
-      "jax_backend": jax.default_backend(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
-      # A shared VM's noise shows as spread between rounds (docs/performance.md).
-      "rounds_train_ips": train_rounds, "rounds_fwd_ips": fwd_rounds,
-      "compiler_options": ops.compiler_options(), "winograd": winograd,
-      "eval_chunk": model.impl.chunk(model, x.shape),
-  })
-  if "torch_compile" in train:
-    result["torch_compile_train_ips"] = train["torch_compile"]
-    result["ratio_train_vs_compile"] = train["jax"] / train["torch_compile"]
+      timed.figures["torch_compile_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+  return timed
+
+
+def _measure(sides: Sequence[_Timed], batch: int, rounds: int, iters: int, warmup: int
+             ) -> dict[str, Any]:
+  """Images/s of every callable, train and forward, in alternating rounds; medians and ratios
+  against PyTorch eager's faster layout (the anchor)."""
+  result: dict[str, Any] = {}
+  for kind, short in (("train", "train"), ("forward", "fwd")):
+    per_round = _rounds_ips({k: v for side in sides for k, v in getattr(side, kind).items()},
+                            batch, rounds, iters, warmup)
+    median = {name: statistics.median(v) for name, v in per_round.items()}
+    # A shared VM's noise shows as spread between rounds (docs/performance.md).
+    result[f"rounds_{short}_ips"] = per_round
+    for name, ips in median.items():
+      result[f"{name}_{short}_ips"] = ips
+    eager = [k for k in ("torch", "torch_channels_last") if k in median]
+    if eager:
+      anchor = max(eager, key=median.get)
+      result[f"torch_{short}_anchor"] = anchor
+      result[f"ratio_{short}"] = median["jax"] / median[anchor]
+  if "torch_compile_train_ips" in result:
+    result["ratio_train_vs_compile"] = result["jax_train_ips"] / result["torch_compile_train_ips"]
+  return result
+
+
+def bench_train(variant: str, batches: Sequence[int] = (64,), dtype: str = "float32",
+                rounds: int = 5, iters: int = 3, warmup: int = 2, seed: int = 0,
+                torch_compile: bool = True, winograd: bool = True, use_torch: bool = True
+                ) -> dict[str, Any]:
+  """Train-step and forward images/s of the library's step vs the same model in PyTorch on the
+  same device, for each batch size; model FLOP/s and MFU against the peak measured in the same
+  run (a large matmul in ``dtype``) and the datasheet's, where known.
+
+  JAX runs ``training.train_step`` through ``training.make_steps("jit")`` on one device, with
+  torchvision's recipe's optimizer (SGD, momentum 0.9, weight decay 1e-4); PyTorch runs
+  ``torch.optim.SGD`` with the same settings. Same batch, alternating rounds, median kept.
+  ``winograd=False`` times XLA's direct convolutions instead of the CPU default.
+  """
+  import jax
+
+  from alexnet_jax import ops, optim, training
+  from alexnet_jax.models import create_model
+
+  info = machine()
+  device = torch_device() if use_torch else None
+  model = create_model(variant, dtype=training.DTYPES[dtype],
+                       impl=dataclasses.replace(ops.FAST, winograd=winograd))
+  recipe = _recipe(seed)
+  tx = optim.create_optimizer(recipe, 1000, 10**6)
+  if device:
+    import torch
+
+    from alexnet_jax.torch_interop import params_from_torch
+    from alexnet_jax.torch_reference import torch_model
+    torch.manual_seed(seed)
+    net = torch_model(variant)
+    params = params_from_torch(net.state_dict(), variant)
+    info.update(torch_version=torch.__version__, torch_device=device,
+                torch_threads=torch.get_num_threads())
+  else:
+    params = None
+    info["torch_not_run"] = ("not asked for" if not use_torch else
+                             f"PyTorch has no {info['jax_backend']} device")
+  # On the host: each batch's step gets its own copy on the device, which it donates.
+  state = jax.device_get(training.create_train_state(recipe, model, tx, params))
+  peak = matmul_tflops(dtype)
+  datasheet = datasheet_tflops(info["device_kind"], dtype)
+  result: dict[str, Any] = info | {
+      "variant": variant, "dtype": dtype, "winograd": winograd, "torch_compile": torch_compile,
+      "compiler_options": ops.compiler_options(), "matmul_tflops": peak,
+      "datasheet_tflops": datasheet, "batches": []}
+  rng = np.random.default_rng(seed)
+  for batch in batches:
+    side = model.input_size
+    x = rng.standard_normal((batch, side, side, model.in_channels), np.float32)
+    y = rng.integers(0, model.num_classes, batch).astype(np.int32)
+    sides = [_jax_side(model, tx, state, x, y)]
+    if device:
+      sides.append(_torch_side(net, x, y, dtype, device, recipe, torch_compile))
+    entry: dict[str, Any] = {"batch": batch}
+    for side in sides:
+      entry.update(side.figures)
+    entry.update(_measure(sides, batch, rounds, iters, warmup))
+    train_flops, fwd_flops = model_flops(model, tx, state, batch)
+    entry.update({
+        "train_gflop_per_image": train_flops / 1e9, "fwd_gflop_per_image": fwd_flops / 1e9,
+        "jax_train_tflops": train_flops * entry["jax_train_ips"] / 1e12,
+        "jax_fwd_tflops": fwd_flops * entry["jax_fwd_ips"] / 1e12})
+    entry["mfu_measured_peak"] = entry["jax_train_tflops"] / peak
+    if datasheet:
+      entry["mfu_datasheet_peak"] = entry["jax_train_tflops"] / datasheet
+    entry["peak_rss_mb"] = _peak_rss_mb()
+    result["batches"].append(entry)
+    del sides
+    jax.clear_caches()
   return result
 
 
@@ -395,6 +542,131 @@ def bench_data(batch: int = 128, steps: int = 8, rounds: int = 3, images: int = 
   return result
 
 
+def load_config(argv: Sequence[str]) -> Any:
+  """A ``get_config()`` file and its ``--config.FIELD=VALUE`` overrides, as train.py reads them
+  (``argv``: ``--config=FILE`` then the overrides)."""
+  from absl import flags
+  from ml_collections import config_flags
+
+  values = flags.FlagValues()
+  # The overrides' flags are defined from the file named in sys_argv, read here.
+  holder = config_flags.DEFINE_config_file("config", None, "config file", flag_values=values,
+                                           lock_config=False, sys_argv=["bench", *argv])
+  try:
+    values(["bench", *argv])
+  except (flags.Error, AttributeError, KeyError) as e:
+    raise ValueError(f"--config: {str(e).splitlines()[0]}") from e
+  if holder.value is None:
+    raise ValueError("--config FILE is needed (a get_config() file such as "
+                     "configs/imagenet_paper.py)")
+  return holder.value
+
+
+WARMUP_WINDOWS = 2  # compilation; the first log's one-time setup (TensorBoard's writer)
+
+
+def _windows_ips(workdir: str) -> list[float]:
+  """The loop's own images/s of each logged window after the warm-up ones."""
+  from alexnet_jax.metric_log import read_metrics
+
+  return [r["images_per_sec"] for r in read_metrics(workdir)
+          if "images_per_sec" in r][WARMUP_WINDOWS:]
+
+
+def _overall(ips: Sequence[float]) -> float:
+  """Images/s over windows of equal length: total images over total time."""
+  return len(ips) / sum(1 / x for x in ips)
+
+
+def bench_feed(config: Any, steps: int = 50, window: int = 10, images: int = 0,
+               put_repeats: int = 10) -> dict[str, Any]:
+  """The training loop (``training.train_and_evaluate``: its prefetch thread, logging and final
+  checkpoint) fed by the loader from a prepared store of photo-cut JPEGs, against the same loop
+  fed one batch kept on the devices; and each stage alone: the loader, the host-to-device put,
+  the step (the device-fed loop). Figures are the loop's own logged images/s, over ``steps``
+  steps after ``WARMUP_WINDOWS`` windows of ``window`` steps."""
+  import jax
+
+  from alexnet_jax import training
+  from alexnet_jax.data import loader, prepare
+
+  steps = -(-steps // window) * window
+  images = images or 2 * config.batch_size
+  mode = "paper" if config.train_preset == "paper" else "shorter"
+  result: dict[str, Any] = machine() | {
+      "model": config.model, "dtype": config.dtype, "batch": config.batch_size,
+      "train_preset": config.train_preset, "store_mode": mode, "store_size": config.resize_size,
+      "store_images": images, "timed_steps": steps, "window": window,
+      "threads": config.data_threads or loader.default_threads(), "workers": config.data_workers,
+      "prefetch": config.prefetch}
+  with tempfile.TemporaryDirectory() as folder:
+    write_photo_jpegs(os.path.join(folder, "files"), images)
+    store = os.path.join(folder, "store")
+    prepare.prepare(f"folder:{os.path.join(folder, 'files')}", store, mode=mode,
+                    size=config.resize_size, splits=["train"])
+    with config.unlocked():
+      config.dataset, config.train_split, config.eval_split = f"prepared:{store}", "train", "train"
+      warmup = WARMUP_WINDOWS * window
+      config.num_train_steps, config.halt_at_step = warmup + steps + 1, warmup + steps
+      config.log_every_steps, config.init_from = window, ""
+      config.eval_every_steps, config.eval_every_epochs, config.checkpoint_every_steps = 0, 0.0, 0
+    train_source = training.create_source(config, train=True)
+    preprocess = training.create_preprocess(config)
+    host_batches = lambda: loader.TrainLoader(
+        train_source, preprocess, config.batch_size, seed=config.seed,
+        threads=config.data_threads or None, workers=config.data_workers)
+    stages: dict[str, float] = {}
+
+    def resident(steps_: training.Steps, start_step: int) -> Iterator[Any]:
+      it = host_batches()
+      host_batch = next(it)
+      del it  # stops its reads: none may run beside the loop
+      placed = None
+      begin = time.perf_counter()
+      for _ in range(put_repeats):
+        placed = jax.block_until_ready(jax.tree_util.tree_map(steps_.put, host_batch))
+      stages["host_to_device"] = put_repeats * config.batch_size / (time.perf_counter() - begin)
+      while True:
+        yield placed
+
+    loops = {}
+    for name, feed in (("device_resident", resident), ("loader", None)):
+      print(f"bench feed: the loop fed by {name.replace('_', '-')} batches", flush=True)
+      workdir = os.path.join(folder, f"run-{name}")
+      training.train_and_evaluate(config, workdir, feed=feed)
+      rounds = _windows_ips(workdir)
+      loops[name] = {"ips": _overall(rounds), "windows_ips": rounds}
+    it = host_batches()
+    for _ in range(warmup):  # the loader alone, warmed up, then timed
+      next(it)
+    begin = time.perf_counter()
+    for _ in range(steps):
+      next(it)
+    stages["loader"] = steps * config.batch_size / (time.perf_counter() - begin)
+    del it
+  stages["step"] = loops["device_resident"]["ips"]
+  result.update({
+      "fed_ips": loops["loader"]["ips"], "device_resident_ips": stages["step"],
+      "ratio": loops["loader"]["ips"] / stages["step"], "loops": loops,
+      "stages_ips": stages, "binds": min(stages, key=stages.get)})
+  return result
+
+
+def _print_feed(r: dict[str, Any]) -> None:
+  print(f"\n{r['model']}, {r['dtype']}, batch {r['batch']}, {r['train_preset']} from a "
+        f"{r['store_mode']} store at {r['store_size']} ({r['store_images']} photo-cut JPEGs); "
+        f"{r['device_count']} x {r['device_kind']}, host CPU {r['cpu_model']} ({r['cores']} "
+        f"cores), {r['threads']} loader threads, {r['workers']} Grain workers, prefetch "
+        f"{r['prefetch']}; {r['timed_steps']} steps after {WARMUP_WINDOWS} windows of {r['window']}")
+  print(f"  {'loop fed by the loader':<36}{r['fed_ips']:>10.0f} img/s   "
+        f"{100 * r['ratio']:.0f}% of device-resident")
+  print(f"  {'loop on device-resident batches':<36}{r['device_resident_ips']:>10.0f} img/s")
+  for name, label in (("loader", "loader alone"), ("host_to_device", "host-to-device put alone"),
+                      ("step", "step alone (device-resident loop)")):
+    print(f"  {label:<36}{r['stages_ips'][name]:>10.0f} img/s"
+          + ("   <- the slowest stage" if name == r["binds"] else ""))
+
+
 def _print_data(r: dict[str, Any]) -> None:
   cores = f"{r['cores']} cores, {r['threads']} threads, {r['workers']} Grain workers"
   if "loader" in r:
@@ -417,38 +689,55 @@ def _print_data(r: dict[str, Any]) -> None:
             f"{p['host_to_device_bytes_per_image']:>9,.0f} bytes/image to the device")
 
 
-def _print_train(variant: str, batch: int, r: dict[str, Any]) -> None:
-  print(f"{variant}, batch {batch}, fp32, jax backend {r['jax_backend']}, torch threads "
-        f"{r['torch_threads']}, XLA_FLAGS={r['xla_flags'] or '(none)'}, compiler options "
+def _print_train(r: dict[str, Any]) -> None:
+  torch_on = (f"torch {r['torch_version']} on {r['torch_device']} ({r['torch_threads']} threads)"
+              if "torch_device" in r else f"PyTorch not run ({r['torch_not_run']})")
+  print(f"{r['variant']}, {r['dtype']}, jax {r['jax_version']} on {r['device_count']} x "
+        f"{r['device_kind']} ({r['jax_backend']}), host CPU {r['cpu_model']} ({r['cores']} "
+        f"cores), {torch_on}")
+  print(f"XLA_FLAGS={r['xla_flags'] or '(none)'}, compiler options "
         f"{r['compiler_options'] or '(none)'}, CPU convolutions "
-        f"{'Winograd where faster' if r['winograd'] else 'direct'}, CPU eval forward "
-        f"{'whole' if r['eval_chunk'] == batch else 'by %d images' % r['eval_chunk']}")
-  compiled = r.get("torch_compile_train_ips")
-  print(f"{'':<22}{'alexnet-jax':>12}{'torch NCHW':>12}{'torch NHWC':>12}{'ratio':>7}"
-        + (f"{'torch.compile':>15}{'ratio':>7}" if compiled else ""))
-  print(f"{'train step, img/s':<22}{r['jax_train_ips']:>12.1f}{r['torch_train_ips']:>12.1f}"
-        f"{r['torch_channels_last_train_ips']:>12.1f}{r['ratio_train']:>7.2f}"
-        + (f"{compiled:>15.1f}{r['ratio_train_vs_compile']:>7.2f}" if compiled else ""))
-  print(f"{'forward, img/s':<22}{r['jax_fwd_ips']:>12.1f}{r['torch_fwd_ips']:>12.1f}"
-        f"{r['torch_channels_last_fwd_ips']:>12.1f}{r['ratio_fwd']:>7.2f}")
-  layout = lambda k: "channels_last (NHWC)" if k == "torch_channels_last" else "NCHW"
-  print(f"ratios are against PyTorch eager's faster layout: train {layout(r['torch_train_anchor'])}"
-        f", forward {layout(r['torch_fwd_anchor'])}")
-  spread = lambda rounds: ", ".join(f"{name} {min(v):.1f}-{max(v):.1f}"
-                                    for name, v in rounds.items())
-  print(f"img/s over the rounds: train {spread(r['rounds_train_ips'])}; "
-        f"forward {spread(r['rounds_fwd_ips'])}")
-  if "torch_compile_error" in r:
-    print(f"torch.compile: not used ({r['torch_compile_error']})")
-  print(f"compile: jax {r['compile_s_jax']:.1f} s"
-        + (f", torch.compile {r['compile_s_torch_compile']:.1f} s" if compiled else ""))
-  print(f"model FLOP/s (XLA cost analysis with direct convolutions, "
-        f"{r['train_gflop_per_image']:.2f} GFLOP/image/step): train {r['jax_train_gflops']:.0f} "
-        f"GFLOP/s, forward {r['jax_fwd_gflops']:.0f} GFLOP/s, vs {r['matmul_gflops']:.0f} GFLOP/s "
-        f"measured fp32 matmul; the compiled step executes "
-        f"{r['executed_train_gflop_per_image']:.2f} GFLOP/image")
-  print(f"memory: XLA train step {r['xla_train_step_memory_mb']:.0f} MiB (arguments + outputs + "
-        f"temporaries), process peak RSS {r['peak_rss_mb']:.0f} MiB (both frameworks)")
+        f"{'Winograd where faster' if r['winograd'] else 'direct'}")
+  datasheet = (f"{r['datasheet_tflops']:.0f} TFLOP/s on the datasheet"
+               if r["datasheet_tflops"] else "no datasheet figure known for this device")
+  print(f"peak: {r['matmul_tflops']:.3g} TFLOP/s measured ({r['dtype']} matmul), {datasheet}")
+  for e in r["batches"]:
+    print(f"\nbatch {e['batch']}:")
+    compiled = e.get("torch_compile_train_ips")
+    torch_cols = "torch_train_ips" in e
+    print(f"{'':<22}{'alexnet-jax':>12}" + (f"{'torch NCHW':>12}{'torch NHWC':>12}{'ratio':>7}"
+                                              if torch_cols else "")
+          + (f"{'torch.compile':>15}{'ratio':>7}" if compiled else ""))
+    for label, kind in (("train step, img/s", "train"), ("forward, img/s", "fwd")):
+      row = f"{label:<22}{e[f'jax_{kind}_ips']:>12.1f}"
+      if torch_cols:
+        row += (f"{e[f'torch_{kind}_ips']:>12.1f}{e[f'torch_channels_last_{kind}_ips']:>12.1f}"
+                f"{e[f'ratio_{kind}']:>7.2f}")
+      if compiled and kind == "train":
+        row += f"{compiled:>15.1f}{e['ratio_train_vs_compile']:>7.2f}"
+      print(row)
+    if torch_cols:
+      layout = lambda k: "channels_last (NHWC)" if k == "torch_channels_last" else "NCHW"
+      print(f"ratios are against PyTorch eager's faster layout: train "
+            f"{layout(e['torch_train_anchor'])}, forward {layout(e['torch_fwd_anchor'])}")
+    spread = lambda rounds: ", ".join(f"{name} {min(v):.1f}-{max(v):.1f}"
+                                      for name, v in rounds.items())
+    print(f"img/s over the rounds: train {spread(e['rounds_train_ips'])}; "
+          f"forward {spread(e['rounds_fwd_ips'])}")
+    if "torch_compile_error" in e:
+      print(f"torch.compile: not used ({e['torch_compile_error']})")
+    print(f"compile: jax {e['compile_s_jax']:.1f} s"
+          + (f", torch.compile {e['compile_s_torch_compile']:.1f} s" if compiled else ""))
+    mfu = f"MFU {100 * e['mfu_measured_peak']:.1f}% of the measured peak"
+    if "mfu_datasheet_peak" in e:
+      mfu += f", {100 * e['mfu_datasheet_peak']:.1f}% of the datasheet's"
+    print(f"model FLOPs (direct convolutions, {e['train_gflop_per_image']:.2f} GFLOP/image/step): "
+          f"train {e['jax_train_tflops']:.3g} TFLOP/s, forward {e['jax_fwd_tflops']:.3g} "
+          f"TFLOP/s; {mfu}; XLA counts {e['executed_train_gflop_per_image']:.2f} GFLOP/image "
+          "in the compiled step")
+    memory = (f"XLA train step {e['xla_train_step_memory_mb']:.0f} MiB (arguments + outputs + "
+              "temporaries), " if "xla_train_step_memory_mb" in e else "")
+    print(f"memory: {memory}process peak RSS {e['peak_rss_mb']:.0f} MiB")
 
 
 @extras.needed_by("python -m alexnet_jax.bench")
@@ -458,10 +747,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   sub = parser.add_subparsers(dest="what", required=True)
   p = sub.add_parser("train", help="the library's train step and forward vs PyTorch")
   p.add_argument("--variant", default="alexnet", choices=VARIANTS)
-  p.add_argument("--batch", type=int, default=64)
+  p.add_argument("--batch", type=int, nargs="+", default=[64], help="one or more batch sizes")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                 help="compute dtype (params stay float32; PyTorch uses bf16 autocast)")
   p.add_argument("--rounds", type=int, default=5, help="alternating timed rounds (median kept)")
   p.add_argument("--iters", type=int, default=3, help="calls per round")
   p.add_argument("--no_torch_compile", action="store_true", help="skip torch.compile")
+  p.add_argument("--no_torch", action="store_true", help="time alexnet-jax alone")
   p.add_argument("--no_winograd", action="store_true",
                  help="time XLA's direct convolutions instead of the CPU default (Winograd)")
   p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
@@ -478,19 +770,55 @@ def main(argv: Sequence[str] | None = None) -> int:
   d.add_argument("--no_stores", action="store_true",
                  help="only the presets on the original files, no prepared stores")
   d.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
-  args = parser.parse_args(argv)
-  counts = ([args.batch, args.rounds, args.iters] if args.what == "train"
-            else [args.batch, args.steps, args.rounds, args.images])
+  f = sub.add_parser(
+      "feed", help="the training loop fed by the loader vs fed on the devices",
+      usage="%(prog)s --config FILE [--config.FIELD=VALUE ...] [--steps N] [--window N] "
+            "[--images N] [--json FILE]",
+      description="The config's model, batch, presets, dtype, loader threads and workers, on a "
+                  "prepared store of photo-cut JPEGs written for the run (its dataset, steps, "
+                  "evaluation and checkpoint fields are the bench's). --config FILE and its "
+                  "--config.FIELD=VALUE overrides are as train.py's.")
+  f.add_argument("--steps", type=int, default=50, help="timed steps of each loop (rounded up "
+                 "to whole windows)")
+  f.add_argument("--window", type=int, default=10,
+                 help="steps per logged window; the first two (compilation, the first log's "
+                 "setup) are not timed")
+  f.add_argument("--images", type=int, default=0,
+                 help="JPEGs in the store (0 = two batches)")
+  f.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+  args, rest = parser.parse_known_args(argv)
+  if rest and (args.what != "feed" or not all(a.startswith("--config") or not a.startswith("-")
+                                              for a in rest)):
+    parser.error(f"unrecognized arguments: {' '.join(rest)}")
+  counts = {"train": lambda: [*args.batch, args.rounds, args.iters],
+            "data": lambda: [args.batch, args.steps, args.rounds, args.images],
+            "feed": lambda: [args.steps, args.window, args.images + 1]}[args.what]()
   if min(counts) < 1 or (args.what == "data" and min(args.threads, args.workers) < 0):
     parser.error("sizes and counts must be positive (threads and workers: 0 or more)")
   # Up front, all at once: the first missing module would otherwise stop a run minutes in.
-  extras.require(parser.prog, *(("torch", "grain") if args.what == "train"
-                                else ("PIL", "simplejpeg", "cv2", "grain")))
+  extras.require(parser.prog, *{
+      "train": ("grain",) + (() if args.what != "train" or args.no_torch else ("torch",)),
+      "data": ("PIL", "simplejpeg", "cv2", "grain"),
+      "feed": ("PIL", "simplejpeg", "cv2", "grain", "sklearn", "ml_collections", "orbax"),
+  }[args.what])
 
-  if args.what == "train":
-    result = bench_train(args.variant, args.batch, args.rounds, args.iters,
-                         torch_compile=not args.no_torch_compile, winograd=not args.no_winograd)
-    _print_train(args.variant, args.batch, result)
+  if args.what == "feed":
+    try:
+      config = load_config(rest)
+    except ValueError as e:
+      parser.error(str(e))
+    if args.images and args.images < config.batch_size:
+      parser.error(f"--images ({args.images}) must be at least the batch "
+                   f"({config.batch_size})")
+    result = bench_feed(config, args.steps, args.window, args.images)
+    _print_feed(result)
+  elif args.what == "train":
+    # JAX takes most of an accelerator's memory at its start; PyTorch shares this process.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", ".5")
+    result = bench_train(args.variant, args.batch, args.dtype, args.rounds, args.iters,
+                         torch_compile=not args.no_torch_compile, winograd=not args.no_winograd,
+                         use_torch=not args.no_torch)
+    _print_train(result)
   else:
     if args.images < args.batch:
       parser.error(f"--images ({args.images}) must be at least --batch ({args.batch})")

@@ -13,7 +13,7 @@ import functools
 import math
 import os
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import flax
 import jax
@@ -375,10 +375,27 @@ def _check_batch_fits(config: Any, source: Any) -> None:
         f"{len(source)} or a larger split")
 
 
-def train_and_evaluate(config: Any, workdir: str) -> TrainState:
+# What feeds the loop: (steps, start_step) -> a generator of batches already on the devices,
+# from global step start_step on; closed when the loop ends.
+Feed = Callable[[Steps, int], Iterator[dict[str, Any]]]
+
+
+def loader_feed(config: Any, source: Any, preprocess: host.Preprocess) -> Feed:
+  """The config's input pipeline: ``source`` through the loader, put on the devices by a
+  background thread ``config.prefetch`` batches ahead."""
+  def feed(steps: Steps, start_step: int) -> Iterator[dict[str, Any]]:
+    batches = loader.TrainLoader(source, preprocess, config.batch_size, seed=config.seed,
+                                 start_step=start_step, **_loader_options(config))
+    return loader.prefetch_to_device(batches, config.prefetch, steps.put)
+  return feed
+
+
+def train_and_evaluate(config: Any, workdir: str, feed: Feed | None = None) -> TrainState:
   """Trains ``config`` in ``workdir``, resuming from its newest intact checkpoint if any.
 
   On SIGTERM or SIGINT the run saves the step it is on and returns (see ``preemption``).
+  ``feed`` replaces the input pipeline's train batches (``loader_feed``), e.g. by batches made
+  on the devices, to time the loop without it.
   """
   config_checks.validate(config)
   main_process = jax.process_index() == 0
@@ -399,8 +416,9 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainState:
     state, resumed = _initial_state(config, model, tx, steps, manager)
     if resumed and main_process:
       print(f"resumed from {manager.directory} at step {int(state.step)}", flush=True)
-    state = _train(config, workdir, state, steps, manager, train_source, eval_source,
-                   preprocess, num_steps, steps_per_epoch)
+    feed = feed or loader_feed(config, train_source, preprocess)
+    state = _train(config, workdir, state, steps, manager, feed, eval_source, preprocess,
+                   num_steps, steps_per_epoch)
   except BaseException:
     try:
       manager.close()
@@ -426,7 +444,7 @@ def _initial_state(config: Any, model: AlexNet, tx: optax.GradientTransformation
 
 
 def _train(config: Any, workdir: str, state: TrainState, steps: Steps, manager: Any,
-           train_source: Any, eval_source: Any, preprocess: host.Preprocess,
+           feed: Feed, eval_source: Any, preprocess: host.Preprocess,
            num_steps: int, steps_per_epoch: int) -> TrainState:
   """The training loop from ``state`` to ``num_steps`` (or ``halt_at_step``, or a signal)."""
   main_process = jax.process_index() == 0
@@ -437,9 +455,7 @@ def _train(config: Any, workdir: str, state: TrainState, steps: Steps, manager: 
   eval_every = _every(config.eval_every_steps, config.eval_every_epochs, steps_per_epoch)
   ckpt_every = _every(config.checkpoint_every_steps, 0, steps_per_epoch)
   halt = config.halt_at_step if config.halt_at_step > 0 else num_steps
-  train_iter = loader.TrainLoader(train_source, preprocess, config.batch_size, seed=config.seed,
-                                  start_step=start_step, **_loader_options(config))
-  batches = contextlib.closing(loader.prefetch_to_device(train_iter, config.prefetch, steps.put))
+  batches = contextlib.closing(feed(steps, start_step))
   if main_process:
     print(f"{config.model} on {config.dataset}: {num_steps} steps of {config.batch_size} "
           f"({steps_per_epoch} per epoch), {config.parallel} over {steps.num_devices} device(s)",

@@ -1,6 +1,7 @@
 """The train benchmark runs the library's step and PyTorch's, and reports every figure."""
 
 import json
+import os
 
 import pytest
 
@@ -9,45 +10,82 @@ pytest.importorskip("grain", reason="the train step needs the 'train' extra")
 
 from alexnet_jax import bench, ops  # noqa: E402
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def test_bench_train_reports_both_frameworks(tmp_path, capsys, monkeypatch):
   monkeypatch.setattr(ops, "WINOGRAD_MIN_TILES", 1)  # batch 8 takes AlexNet's batch-64 path
   # chunks of 4 images (conv1's output is 24x24x96 fp32), as 224x224 AlexNet's at batch 64
   monkeypatch.setattr(ops, "EVAL_CHUNK_BYTES", 4 * 24 * 24 * 96 * 4)
   out = tmp_path / "bench.json"
-  assert bench.main(["train", "--variant", "alexnet_small", "--batch", "8", "--rounds", "2",
+  assert bench.main(["train", "--variant", "alexnet_small", "--batch", "4", "8", "--rounds", "2",
                      "--iters", "1", "--no_torch_compile", "--json", str(out)]) == 0
   result = json.loads(out.read_text())
-  for key in ("jax_train_ips", "torch_train_ips", "jax_fwd_ips", "torch_fwd_ips",
-              "matmul_gflops", "compile_s_jax", "xla_train_step_memory_mb", "peak_rss_mb"):
-    assert result[key] > 0, key
-  # The ratios are against PyTorch eager's faster layout, which the result names.
-  for kind in ("train", "fwd"):
-    layouts = {name: result[f"{name}_{kind}_ips"] for name in ("torch", "torch_channels_last")}
-    assert min(layouts.values()) > 0
-    assert result[f"torch_{kind}_anchor"] == max(layouts, key=layouts.get)
-    assert result[f"ratio_{kind}"] == pytest.approx(result[f"jax_{kind}_ips"]
-                                                    / max(layouts.values()))
-  # The figures are the medians of the rounds, which are reported too.
-  for kind in ("train", "fwd"):
-    for name in ("jax", "torch", "torch_channels_last"):
-      rounds = result[f"rounds_{kind}_ips"][name]
-      assert len(rounds) == 2 and min(rounds) > 0
-      assert result[f"{name}_{kind}_ips"] == pytest.approx(sum(rounds) / 2)
+  # What it ran on, and the peaks the MFU is taken against.
+  assert result["jax_backend"] == "cpu" and result["torch_device"] == "cpu"
+  assert result["cpu_model"] == bench.cpu_model() and result["cpu_model"]
+  assert result["matmul_tflops"] > 0 and result["datasheet_tflops"] is None
+  assert [e["batch"] for e in result["batches"]] == [4, 8]
+  for e in result["batches"]:
+    for key in ("jax_train_ips", "torch_train_ips", "jax_fwd_ips", "torch_fwd_ips",
+                "compile_s_jax", "xla_train_step_memory_mb", "peak_rss_mb"):
+      assert e[key] > 0, key
+    # The ratios are against PyTorch eager's faster layout, which the result names.
+    for kind in ("train", "fwd"):
+      layouts = {name: e[f"{name}_{kind}_ips"] for name in ("torch", "torch_channels_last")}
+      assert min(layouts.values()) > 0
+      assert e[f"torch_{kind}_anchor"] == max(layouts, key=layouts.get)
+      assert e[f"ratio_{kind}"] == pytest.approx(e[f"jax_{kind}_ips"] / max(layouts.values()))
+    # The figures are the medians of the rounds, which are reported too.
+    for kind in ("train", "fwd"):
+      for name in ("jax", "torch", "torch_channels_last"):
+        rounds = e[f"rounds_{kind}_ips"][name]
+        assert len(rounds) == 2 and min(rounds) > 0
+        assert e[f"{name}_{kind}_ips"] == pytest.approx(sum(rounds) / 2)
+    # MFU is model FLOP/s over the measured peak.
+    assert e["jax_train_tflops"] == pytest.approx(
+        e["train_gflop_per_image"] * e["jax_train_ips"] / 1e3)
+    assert e["mfu_measured_peak"] == pytest.approx(e["jax_train_tflops"] / result["matmul_tflops"])
+    # The eval forward's FLOPs count the whole batch (a step is ~3 forwards).
+    assert 2 < e["train_gflop_per_image"] / e["fwd_gflop_per_image"] < 4
+  small, large = result["batches"]
   # Winograd (conv2-conv5 on CPU) executes fewer FLOPs than the model's direct convolutions.
-  assert 0 < result["executed_train_gflop_per_image"] < result["train_gflop_per_image"]
-  # The eval forward runs 2 chunks of 4 images; its FLOPs still count all 8 (a step is ~3 forwards).
-  assert result["eval_chunk"] == 4
-  assert 2 < result["train_gflop_per_image"] / result["fwd_gflop_per_image"] < 4
+  assert 0 < large["executed_train_gflop_per_image"] < large["train_gflop_per_image"]
+  # The eval forward of 8 runs 2 chunks of 4 images; 4 is one chunk.
+  assert (small["eval_chunk"], large["eval_chunk"]) == (4, 4)
   printed = capsys.readouterr().out
-  assert "train step, img/s" in printed and "measured fp32 matmul" in printed
+  assert "train step, img/s" in printed and "of the measured peak" in printed
+  assert "batch 4:" in printed and "batch 8:" in printed
+  assert f"host CPU {result['cpu_model']}" in printed
   assert "img/s over the rounds: train jax " in printed
   assert "against PyTorch eager's faster layout" in printed
 
 
-def test_bench_rejects_bad_counts():
+def test_bench_train_bfloat16_without_torch(tmp_path, capsys):
+  out = tmp_path / "bench.json"
+  assert bench.main(["train", "--variant", "alexnet_small", "--batch", "2", "--rounds", "1",
+                     "--iters", "1", "--dtype", "bfloat16", "--no_torch", "--json",
+                     str(out)]) == 0
+  result = json.loads(out.read_text())
+  assert result["dtype"] == "bfloat16" and "torch_device" not in result
+  (entry,) = result["batches"]
+  assert entry["jax_train_ips"] > 0 and "torch_train_ips" not in entry
+  assert "PyTorch not run (not asked for)" in capsys.readouterr().out
+
+
+def test_datasheet_peaks_by_device_kind():
+  assert bench.datasheet_tflops("NVIDIA H200", "bfloat16") == pytest.approx(989.4)
+  assert bench.datasheet_tflops("NVIDIA H100 PCIe", "bfloat16") == pytest.approx(756.0)
+  assert bench.datasheet_tflops("NVIDIA H100 80GB HBM3", "float32") == pytest.approx(494.7)
+  assert bench.datasheet_tflops("TPU v4", "float32") is None
+  assert bench.datasheet_tflops("cpu", "bfloat16") is None
+
+
+@pytest.mark.parametrize("argv", [["train", "--batch", "0"], ["train", "--batch", "8", "0"],
+                                  ["train", "--dtype", "float16"]])
+def test_bench_rejects_bad_arguments(argv):
   with pytest.raises(SystemExit):
-    bench.main(["train", "--batch", "0"])
+    bench.main(argv)
 
 
 def test_bench_data_reports_the_loader_from_stores_and_every_preset_against_bare_decode(
@@ -84,3 +122,45 @@ def test_bench_data_reports_the_loader_from_stores_and_every_preset_against_bare
   printed = capsys.readouterr().out
   assert "bare decode (the limit)" in printed and "% of decode" in printed
   assert "paper loader, paper store" in printed and "/core" in printed
+
+
+FEED_CONFIG = ["--config", "configs/imagenet_torchvision.py", "--config.model=alexnet_small",
+               "--config.image_size=28", "--config.resize_size=32", "--config.batch_size=8",
+               "--config.parallel=jit", "--config.tensorboard=False"]
+
+
+def test_bench_feed_times_the_loop_fed_and_on_device_and_each_stage(tmp_path, capsys,
+                                                                     monkeypatch):
+  monkeypatch.chdir(ROOT)  # the config files, as train.py finds them
+  out = tmp_path / "feed.json"
+  assert bench.main(["feed", *FEED_CONFIG, "--steps", "4", "--window", "2", "--json",
+                     str(out)]) == 0
+  r = json.loads(out.read_text())
+  assert (r["model"], r["batch"], r["train_preset"], r["store_mode"]) == (
+      "alexnet_small", 8, "torchvision", "shorter")
+  assert r["store_images"] == 16 and r["timed_steps"] == 4 and r["cpu_model"]
+  # The loop's own logged windows after the two warm-up ones: 4 steps in windows of 2.
+  for loop in r["loops"].values():
+    assert len(loop["windows_ips"]) == 2 and min(loop["windows_ips"]) > 0
+  assert r["fed_ips"] == r["loops"]["loader"]["ips"] > 0
+  assert r["ratio"] == pytest.approx(r["fed_ips"] / r["device_resident_ips"])
+  stages = r["stages_ips"]
+  assert set(stages) == {"loader", "host_to_device", "step"} and min(stages.values()) > 0
+  assert stages["step"] == r["device_resident_ips"]
+  assert r["binds"] == min(stages, key=stages.get)
+  printed = capsys.readouterr().out
+  assert "loop fed by the loader" in printed and "<- the slowest stage" in printed
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "--config FILE is needed"),
+    (["--config", "configs/imagenet_torchvision.py", "--config.no_such_field=1"],
+     "no_such_field"),
+    (["--config", "configs/imagenet_torchvision.py", "--steps", "0"], "must be positive"),
+    (["--config", "configs/imagenet_torchvision.py", "--nonsense"], "unrecognized arguments"),
+])
+def test_bench_feed_rejects_bad_arguments(argv, message, capsys, monkeypatch):
+  monkeypatch.chdir(ROOT)
+  with pytest.raises(SystemExit):
+    bench.main(["feed", *argv])
+  assert message in capsys.readouterr().err
