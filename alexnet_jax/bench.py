@@ -283,6 +283,36 @@ def _measure(sides: Sequence[_Timed], batch: int, rounds: int, iters: int, warmu
   return result
 
 
+def _torch_net(variant: str, seed: int, info: dict[str, Any], device: str
+               ) -> tuple[Any, Any]:
+  """PyTorch's model with its default init, and the same weights as Flax params; what runs it
+  goes into ``info``."""
+  import torch
+
+  from alexnet_jax.torch_interop import params_from_torch
+  from alexnet_jax.torch_reference import torch_model
+
+  torch.manual_seed(seed)
+  net = torch_model(variant)
+  info.update(torch_version=torch.__version__, torch_device=device,
+              torch_threads=torch.get_num_threads())
+  return net, params_from_torch(net.state_dict(), variant)
+
+
+def _flop_figures(flops: tuple[float, float], entry: dict[str, Any], peak: float,
+                  datasheet: float | None) -> dict[str, float]:
+  """Model FLOP/s of the timed train step and forward, and the step's MFU."""
+  train_flops, fwd_flops = flops
+  train_tflops = train_flops * entry["jax_train_ips"] / 1e12
+  figures = {"train_gflop_per_image": train_flops / 1e9, "fwd_gflop_per_image": fwd_flops / 1e9,
+             "jax_train_tflops": train_tflops,
+             "jax_fwd_tflops": fwd_flops * entry["jax_fwd_ips"] / 1e12,
+             "mfu_measured_peak": train_tflops / peak}
+  if datasheet:
+    figures["mfu_datasheet_peak"] = train_tflops / datasheet
+  return figures
+
+
 def bench_train(variant: str, batches: Sequence[int] = (64,), dtype: str = "float32",
                 rounds: int = 5, iters: int = 3, warmup: int = 2, seed: int = 0,
                 torch_compile: bool = True, winograd: bool = True, use_torch: bool = True
@@ -307,18 +337,8 @@ def bench_train(variant: str, batches: Sequence[int] = (64,), dtype: str = "floa
                        impl=dataclasses.replace(ops.FAST, winograd=winograd))
   recipe = _recipe(seed)
   tx = optim.create_optimizer(recipe, 1000, 10**6)
-  if device:
-    import torch
-
-    from alexnet_jax.torch_interop import params_from_torch
-    from alexnet_jax.torch_reference import torch_model
-    torch.manual_seed(seed)
-    net = torch_model(variant)
-    params = params_from_torch(net.state_dict(), variant)
-    info.update(torch_version=torch.__version__, torch_device=device,
-                torch_threads=torch.get_num_threads())
-  else:
-    params = None
+  net, params = _torch_net(variant, seed, info, device) if device else (None, None)
+  if not device:
     info["torch_not_run"] = ("not asked for" if not use_torch else
                              f"PyTorch has no {info['jax_backend']} device")
   # On the host: each batch's step gets its own copy on the device, which it donates.
@@ -341,14 +361,7 @@ def bench_train(variant: str, batches: Sequence[int] = (64,), dtype: str = "floa
     for side in sides:
       entry.update(side.figures)
     entry.update(_measure(sides, batch, rounds, iters, warmup))
-    train_flops, fwd_flops = model_flops(model, tx, state, batch)
-    entry.update({
-        "train_gflop_per_image": train_flops / 1e9, "fwd_gflop_per_image": fwd_flops / 1e9,
-        "jax_train_tflops": train_flops * entry["jax_train_ips"] / 1e12,
-        "jax_fwd_tflops": fwd_flops * entry["jax_fwd_ips"] / 1e12})
-    entry["mfu_measured_peak"] = entry["jax_train_tflops"] / peak
-    if datasheet:
-      entry["mfu_datasheet_peak"] = entry["jax_train_tflops"] / datasheet
+    entry.update(_flop_figures(model_flops(model, tx, state, batch), entry, peak, datasheet))
     entry["peak_rss_mb"] = _peak_rss_mb()
     result["batches"].append(entry)
     del sides
@@ -578,6 +591,36 @@ def _overall(ips: Sequence[float]) -> float:
   return len(ips) / sum(1 / x for x in ips)
 
 
+def _resident_feed(host_batches: Callable[[], Iterator[Any]], batch: int, repeats: int,
+                   stages: dict[str, float]) -> Callable[..., Iterator[Any]]:
+  """A feed (``training.Feed``) of one loader batch kept on the devices; on its start it times
+  putting that batch on the devices, alone, into ``stages``."""
+  import jax
+
+  def feed(steps: Any, start_step: int) -> Iterator[Any]:
+    it = host_batches()
+    host_batch = next(it)
+    del it  # stops its reads: none may run beside the loop
+    placed = None
+    begin = time.perf_counter()
+    for _ in range(repeats):
+      placed = jax.block_until_ready(jax.tree_util.tree_map(steps.put, host_batch))
+    stages["host_to_device"] = repeats * batch / (time.perf_counter() - begin)
+    while True:
+      yield placed
+  return feed
+
+
+def _loader_alone(batches: Iterator[Any], batch: int, warmup: int, steps: int) -> float:
+  """Images/s of ``batches`` after ``warmup`` batches."""
+  for _ in range(warmup):
+    next(batches)
+  begin = time.perf_counter()
+  for _ in range(steps):
+    next(batches)
+  return steps * batch / (time.perf_counter() - begin)
+
+
 def bench_feed(config: Any, steps: int = 50, window: int = 10, images: int = 0,
                put_repeats: int = 10) -> dict[str, Any]:
   """The training loop (``training.train_and_evaluate``: its prefetch thread, logging and final
@@ -585,8 +628,6 @@ def bench_feed(config: Any, steps: int = 50, window: int = 10, images: int = 0,
   fed one batch kept on the devices; and each stage alone: the loader, the host-to-device put,
   the step (the device-fed loop). Figures are the loop's own logged images/s, over ``steps``
   steps after ``WARMUP_WINDOWS`` windows of ``window`` steps."""
-  import jax
-
   from alexnet_jax import training
   from alexnet_jax.data import loader, prepare
 
@@ -604,6 +645,7 @@ def bench_feed(config: Any, steps: int = 50, window: int = 10, images: int = 0,
     store = os.path.join(folder, "store")
     prepare.prepare(f"folder:{os.path.join(folder, 'files')}", store, mode=mode,
                     size=config.resize_size, splits=["train"])
+    config = config.copy_and_resolve_references()  # the caller's is left as it was
     with config.unlocked():
       config.dataset, config.train_split, config.eval_split = f"prepared:{store}", "train", "train"
       warmup = WARMUP_WINDOWS * window
@@ -616,19 +658,7 @@ def bench_feed(config: Any, steps: int = 50, window: int = 10, images: int = 0,
         train_source, preprocess, config.batch_size, seed=config.seed,
         threads=config.data_threads or None, workers=config.data_workers)
     stages: dict[str, float] = {}
-
-    def resident(steps_: training.Steps, start_step: int) -> Iterator[Any]:
-      it = host_batches()
-      host_batch = next(it)
-      del it  # stops its reads: none may run beside the loop
-      placed = None
-      begin = time.perf_counter()
-      for _ in range(put_repeats):
-        placed = jax.block_until_ready(jax.tree_util.tree_map(steps_.put, host_batch))
-      stages["host_to_device"] = put_repeats * config.batch_size / (time.perf_counter() - begin)
-      while True:
-        yield placed
-
+    resident = _resident_feed(host_batches, config.batch_size, put_repeats, stages)
     loops = {}
     for name, feed in (("device_resident", resident), ("loader", None)):
       print(f"bench feed: the loop fed by {name.replace('_', '-')} batches", flush=True)
@@ -636,14 +666,7 @@ def bench_feed(config: Any, steps: int = 50, window: int = 10, images: int = 0,
       training.train_and_evaluate(config, workdir, feed=feed)
       rounds = _windows_ips(workdir)
       loops[name] = {"ips": _overall(rounds), "windows_ips": rounds}
-    it = host_batches()
-    for _ in range(warmup):  # the loader alone, warmed up, then timed
-      next(it)
-    begin = time.perf_counter()
-    for _ in range(steps):
-      next(it)
-    stages["loader"] = steps * config.batch_size / (time.perf_counter() - begin)
-    del it
+    stages["loader"] = _loader_alone(host_batches(), config.batch_size, warmup, steps)
   stages["step"] = loops["device_resident"]["ips"]
   result.update({
       "fed_ips": loops["loader"]["ips"], "device_resident_ips": stages["step"],
