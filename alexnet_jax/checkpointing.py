@@ -122,6 +122,13 @@ def fingerprint(state: Any) -> tuple[dict[str, int], bool]:
 # Saving.
 
 
+def diverged(what: str, manager: ocp.CheckpointManager) -> FloatingPointError:
+  """The error that stops a run whose loss or state stopped being finite: ``what`` happened."""
+  return FloatingPointError(
+      f"{what}. The last good checkpoint is {last_good(manager)}. Lower the learning rate (or "
+      "raise warmup_epochs), or check the data, then rerun to resume from it.")
+
+
 def save(manager: ocp.CheckpointManager, step: int, state: Any, config: Any,
          eval_metrics: Mapping[str, float] | None = None) -> None:
   """Saves in the background; the device-to-host copy is done before this returns.
@@ -132,15 +139,56 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, config: Any,
     return
   checksums, finite = fingerprint(state)
   if not finite:
-    raise FloatingPointError(
-        f"the parameters or optimizer state hold NaN or inf at step {step}; not saving it. The "
-        f"last good checkpoint is {last_good(manager)}. Lower the learning rate (or raise "
-        "warmup_epochs), or check the data, then rerun to resume from it.")
+    raise diverged(f"the parameters or optimizer state hold NaN or inf at step {step}; not "
+                   "saving it", manager)
   metrics = {"eval_top1": float(eval_metrics["eval_top1"])} if eval_metrics else None
   manager.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state),
       config=ocp.args.JsonSave(config.to_dict()),
       integrity=ocp.args.JsonSave({"checksums": checksums})), metrics=metrics, force=True)
+
+
+class Saver:
+  """The training loop's saves: at most one in the background; its failure, or a synchronous
+  one, raised as a CheckpointError that names the newest complete checkpoint.
+
+  ``poll()`` after each step finishes a save that is done; ``close()`` waits for the last.
+  """
+
+  def __init__(self, manager: ocp.CheckpointManager, config: Any):
+    self.manager, self.config = manager, config
+    self._saving: int | None = None  # the step of a save still being written
+
+  def save(self, step: int, state: Any, eval_metrics: Mapping[str, float] | None = None) -> None:
+    self.close()  # the previous save's failure, before this one is started
+    try:
+      save(self.manager, step, state, self.config, eval_metrics)
+    except (FloatingPointError, CheckpointError):
+      raise
+    except Exception as e:  # noqa: BLE001  (a synchronous save fails here)
+      raise self._failed(step, e) from e
+    self._saving = step
+
+  def poll(self) -> None:
+    if self._saving is not None and not self.manager.is_saving_in_progress():
+      self.close()
+
+  def close(self) -> None:
+    """Waits for the save in flight, if any, and records its files."""
+    step, self._saving = self._saving, None
+    if step is None:
+      return
+    try:
+      self.manager.wait_until_finished()
+      record_files(self.manager, step)
+    except Exception as e:  # noqa: BLE001  (whatever the file system raised)
+      raise self._failed(step, e) from e
+
+  def _failed(self, step: int, error: Exception) -> CheckpointError:
+    return CheckpointError(
+        f"saving checkpoint {step} failed: {describe_error(error)}. The run stopped; the newest "
+        f"complete checkpoint is {last_good(self.manager)}. Free space or fix the file system, "
+        "then rerun to resume from it.")
 
 
 def last_good(manager: ocp.CheckpointManager) -> str:

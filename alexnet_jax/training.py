@@ -443,109 +443,131 @@ def _initial_state(config: Any, model: AlexNet, tx: optax.GradientTransformation
       config, model, tx, params=_initial_params(config, model)), steps), False
 
 
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """When the loop logs, evaluates and saves, derived once from the config."""
+  num_steps: int  # the run's length, which the schedule spans
+  end: int  # where this run stops: num_steps, or halt_at_step
+  log_every: int
+  eval_every: int  # 0: only at num_steps
+  save_every: int  # 0: only where the loop evaluates or stops
+
+  @classmethod
+  def from_config(cls, config: Any, num_steps: int, steps_per_epoch: int) -> "Plan":
+    return cls(num_steps=num_steps,
+               end=min(num_steps, config.halt_at_step) if config.halt_at_step > 0 else num_steps,
+               log_every=config.log_every_steps,
+               eval_every=_every(config.eval_every_steps, config.eval_every_epochs,
+                                 steps_per_epoch),
+               save_every=_every(config.checkpoint_every_steps, 0, steps_per_epoch))
+
+  def evaluates(self, step: int) -> bool:
+    return step == self.num_steps or bool(self.eval_every and step % self.eval_every == 0)
+
+  def saves(self, step: int, stopping: bool) -> bool:
+    # Every evaluation is saved: the best-checkpoint policy ranks checkpoints by their eval.
+    return (self.evaluates(step) or stopping or step == self.end
+            or bool(self.save_every and step % self.save_every == 0))
+
+  def logs(self, step: int, saving: bool) -> bool:
+    return step % self.log_every == 0 or saving
+
+
+class Meter:
+  """The means of the step metrics since the last summary, and the images/s of training alone."""
+
+  def __init__(self, batch_size: int, diverged: Callable[[str], BaseException]):
+    self.batch_size, self.diverged = batch_size, diverged
+    self.pending: list[dict] = []
+    self.restart()
+
+  def add(self, metrics: dict[str, jax.Array]) -> None:
+    self.pending.append(metrics)
+
+  def restart(self) -> None:
+    """Starts the throughput window afresh (after a save, an evaluation)."""
+    self.window_start = time.time()
+
+  def summary(self, step: int) -> dict[str, float]:
+    """Means since the last summary; a NaN/inf loss stops the run (before any save of it)."""
+    values, self.pending = jax.device_get(self.pending), []
+    losses = np.array([m["train_loss"] for m in values])
+    if not np.all(np.isfinite(losses)):
+      bad = step - len(losses) + int(np.argmin(np.isfinite(losses))) + 1
+      raise self.diverged(f"training loss became {losses[~np.isfinite(losses)][0]} at step {bad}; "
+                          "stopping")
+    summary = {k: float(np.mean([m[k] for m in values])) for k in ("train_loss", "train_top1")}
+    summary["lr"] = float(values[-1]["lr"])
+    summary["images_per_sec"] = (len(values) * self.batch_size
+                                 / max(time.time() - self.window_start, 1e-9))
+    self.restart()
+    return summary
+
+
 def _train(config: Any, workdir: str, state: TrainState, steps: Steps, manager: Any,
            feed: Feed, eval_source: Any, preprocess: host.Preprocess,
            num_steps: int, steps_per_epoch: int) -> TrainState:
   """The training loop from ``state`` to ``num_steps`` (or ``halt_at_step``, or a signal)."""
   main_process = jax.process_index() == 0
-  start_step = int(state.step)
+  plan = Plan.from_config(config, num_steps, steps_per_epoch)
+  saver = checkpointing.Saver(manager, config)
+  meter = Meter(config.batch_size, lambda what: checkpointing.diverged(what, manager))
+  # The host's count mirrors state.step, which it could read only by waiting for the device.
+  step = start_step = int(state.step)
   log = MetricLogger(workdir, enabled=main_process, tensorboard=config.tensorboard)
   log.resume_at(start_step)
-  log_every = config.log_every_steps
-  eval_every = _every(config.eval_every_steps, config.eval_every_epochs, steps_per_epoch)
-  ckpt_every = _every(config.checkpoint_every_steps, 0, steps_per_epoch)
-  halt = config.halt_at_step if config.halt_at_step > 0 else num_steps
-  batches = contextlib.closing(feed(steps, start_step))
   if main_process:
     print(f"{config.model} on {config.dataset}: {num_steps} steps of {config.batch_size} "
           f"({steps_per_epoch} per epoch), {config.parallel} over {steps.num_devices} device(s)",
           flush=True)
-
-  pending, window_start, start = [], time.time(), time.time()
-  step, saving = start_step, None  # the step of a save still being written in the background
-  with preemption.Watcher() as watcher, log, batches as placed:
-    while step < min(num_steps, halt):
-      state, metrics = steps.train(state, next(placed))
+  start = time.time()
+  with (preemption.Watcher() as watcher, log,
+        contextlib.closing(feed(steps, start_step)) as batches):
+    while step < plan.end:
+      state, metrics = steps.train(state, next(batches))
       step += 1
-      if saving is not None and not manager.is_saving_in_progress():
-        _finish_save(manager, saving)
-        saving = None
-      pending.append(metrics)
-      stop = watcher.reached(step - start_step)
-      do_eval = step == num_steps or (eval_every and step % eval_every == 0)
-      do_ckpt = do_eval or stop or step == halt or (ckpt_every and step % ckpt_every == 0)
-      if step % log_every == 0 or do_ckpt:
-        summary = _summarise(pending, step, window_start, config.batch_size, manager)
-        pending, window_start = [], time.time()
+      saver.poll()
+      meter.add(metrics)
+      stopping = watcher.reached(step - start_step)
+      saving = plan.saves(step, stopping)
+      if plan.logs(step, saving):
+        summary = meter.summary(step)
         log.write(step, summary)
         if main_process:
           print(_progress(step, num_steps, summary, start, start_step), flush=True)
       eval_metrics = None
-      if do_eval:
-        eval_metrics = evaluate(steps, state.params, eval_source, preprocess,
-                                config.eval_batch_size or config.batch_size, config.prefetch,
-                                **_loader_options(config))
-        log.write(step, eval_metrics)
-        if main_process:
-          print(f"eval at step {step}: loss {eval_metrics['eval_loss']:.4f}  "
-                f"top1 {eval_metrics['eval_top1']:.4f}  top5 {eval_metrics['eval_top5']:.4f}  "
-                f"({int(eval_metrics['eval_count'])} examples)", flush=True)
-        if config.schedule == "plateau":
-          plateau, opt_state = optim.update_plateau(config, state.plateau, state.opt_state,
-                                                    1.0 - eval_metrics["eval_top1"])
-          state = state.replace(plateau=plateau, opt_state=opt_state)
-      if do_ckpt:
-        if saving is not None:  # the previous save's failure, before this one is started
-          _finish_save(manager, saving)
-        try:
-          checkpointing.save(manager, step, state, config, eval_metrics)
-        except (FloatingPointError, checkpointing.CheckpointError):
-          raise
-        except Exception as e:  # noqa: BLE001  (a synchronous save fails here)
-          raise _save_failed(manager, step, e) from e
-        saving = step
-        window_start = time.time()  # the throughput figure is of training alone
-      if stop:
+      if plan.evaluates(step):
+        state, eval_metrics = _evaluate_and_adapt(config, state, steps, eval_source, preprocess,
+                                                  step, log)
+      if saving:
+        saver.save(step, state, eval_metrics)
+        meter.restart()
+      if stopping:
         break
-    if saving is not None:
-      _finish_save(manager, saving)
-  if watcher.received and step < min(num_steps, halt) and main_process:
+    saver.close()
+  if watcher.received and step < plan.end and main_process:
     print(f"stopped by {watcher.received} at step {step}/{num_steps}: checkpoint {step} is "
           f"saved in {manager.directory}; rerun the same command to resume", flush=True)
   return jax.device_get(state)
 
 
-def _finish_save(manager: Any, step: int) -> None:
-  """Waits for the save of ``step``; its failure stops the run with the reason."""
-  try:
-    manager.wait_until_finished()
-    checkpointing.record_files(manager, step)
-  except Exception as e:  # noqa: BLE001  (whatever the file system raised)
-    raise _save_failed(manager, step, e) from e
-
-
-def _save_failed(manager: Any, step: int, error: Exception) -> checkpointing.CheckpointError:
-  return checkpointing.CheckpointError(
-      f"saving checkpoint {step} failed: {checkpointing.describe_error(error)}. The run "
-      f"stopped; the newest complete checkpoint is {checkpointing.last_good(manager)}. Free "
-      "space or fix the file system, then rerun to resume from it.")
-
-
-def _summarise(pending: list[dict], step: int, window_start: float, batch_size: int,
-               manager: Any) -> dict[str, float]:
-  """Means over the steps since the last log; a NaN/inf loss stops the run before any save."""
-  values = jax.device_get(pending)
-  losses = np.array([m["train_loss"] for m in values])
-  if not np.all(np.isfinite(losses)):
-    bad = step - len(losses) + int(np.argmin(np.isfinite(losses))) + 1
-    raise FloatingPointError(
-        f"training loss became {losses[~np.isfinite(losses)][0]} at step {bad}; stopping. The "
-        f"last good checkpoint is {checkpointing.last_good(manager)}. Lower the learning rate "
-        "(or raise warmup_epochs), or check the data, then rerun to resume from it.")
-  summary = {k: float(np.mean([m[k] for m in values])) for k in ("train_loss", "train_top1")}
-  summary["lr"] = float(values[-1]["lr"])
-  summary["images_per_sec"] = len(values) * batch_size / max(time.time() - window_start, 1e-9)
-  return summary
+def _evaluate_and_adapt(config: Any, state: TrainState, steps: Steps, eval_source: Any,
+                        preprocess: host.Preprocess, step: int, log: MetricLogger
+                        ) -> tuple[TrainState, dict[str, float]]:
+  """Evaluates, logs, and lets the plateau schedule see the result."""
+  metrics = evaluate(steps, state.params, eval_source, preprocess,
+                     config.eval_batch_size or config.batch_size, config.prefetch,
+                     **_loader_options(config))
+  log.write(step, metrics)
+  if jax.process_index() == 0:
+    print(f"eval at step {step}: loss {metrics['eval_loss']:.4f}  "
+          f"top1 {metrics['eval_top1']:.4f}  top5 {metrics['eval_top5']:.4f}  "
+          f"({int(metrics['eval_count'])} examples)", flush=True)
+  if config.schedule == "plateau":
+    plateau, opt_state = optim.update_plateau(config, state.plateau, state.opt_state,
+                                              1.0 - metrics["eval_top1"])
+    state = state.replace(plateau=plateau, opt_state=opt_state)
+  return state, metrics
 
 
 def _initial_params(config: Any, model: AlexNet) -> Any | None:
