@@ -1,7 +1,8 @@
 """What a training config's counts may be, and which changes a resumed run accepts.
 
-``validate`` checks the fields that only the training loop reads (the optimizer, the model, the
-presets and the parallel mode check their own). ``check_resume`` compares a checkpoint's config
+``validate`` checks every setting a run reads before any slow work (building the sources can mean
+preparing a TFDS dataset): the model, presets, dtype, parallel mode, optimizer and counts.
+``check_resume`` compares a checkpoint's config
 with the current one: a change that alters the run's trajectory stops it unless
 ``allow_config_change`` is set.
 """
@@ -12,8 +13,13 @@ import json
 import sys
 from typing import Any, Mapping
 
+from alexnet_jax import optim
+from alexnet_jax.data import host
 from alexnet_jax.models import VARIANTS
-from alexnet_jax.optim import _is_int, _is_real  # the optimizer fields' own checks
+from alexnet_jax.optim import is_int, is_real
+
+PARALLEL_MODES = ("pmap", "jit", "hybrid")
+DTYPES = ("float32", "bfloat16")  # compute dtypes (params stay float32)
 
 # Fields a resume may change: how often the run logs, evaluates and saves, where it finds its
 # files, how it is spread over devices (the same step body; a checkpoint restores on any
@@ -51,23 +57,34 @@ def validate(config: Any) -> None:
   for name, low in _INTS.items():
     value = config[name]
     if low is None:
-      if not _is_int(value) or (value < 1 and value != -1):
+      if not is_int(value) or (value < 1 and value != -1):
         raise ValueError(f"config.{name} must be a positive integer, or -1 for none; "
                          f"got {value!r}")
-    elif not _is_int(value) or value < low:
+    elif not is_int(value) or value < low:
       what = "a positive integer" if low == 1 else f"an integer >= {low}"
       raise ValueError(f"config.{name} must be {what}; got {value!r}")
   for name, low in _REALS.items():
     value = config[name]
-    if not _is_real(value) or value < low:
+    if not is_real(value) or value < low:
       raise ValueError(f"config.{name} must be a number >= {low}; got {value!r}")
   for name in _BOOLS:
     if not isinstance(config[name], bool):
       raise ValueError(f"config.{name} must be True or False; got {config[name]!r}")
   epochs = config.num_epochs
-  if config.num_train_steps == -1 and (not _is_real(epochs) or epochs <= 0):
+  if config.num_train_steps == -1 and (not is_real(epochs) or epochs <= 0):
     raise ValueError(f"config.num_epochs must be a positive number when num_train_steps is -1; "
                      f"got {epochs!r}")
+  for name, valid in (("parallel", PARALLEL_MODES), ("dtype", DTYPES)):
+    if config[name] not in valid:
+      raise ValueError(f"config.{name} must be one of {valid}; got {config[name]!r}")
+  if config.model_parallel != 1 and config.parallel != "hybrid":
+    raise ValueError(f"config.model_parallel={config.model_parallel} needs "
+                     f"config.parallel='hybrid'; got {config.parallel!r}")
+  try:
+    host.check_presets(config.train_preset, config.eval_preset)
+  except ValueError as e:
+    raise ValueError(f"config.{e}") from None
+  optim.check_settings(config)
 
 
 def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

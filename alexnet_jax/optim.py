@@ -108,11 +108,13 @@ def _get(config: Any, name: str) -> Any:
   return value
 
 
-def _is_real(x: Any) -> bool:
+def is_real(x: Any) -> bool:
+  """A real number, not a bool."""
   return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
-def _is_int(x: Any) -> bool:
+def is_int(x: Any) -> bool:
+  """An integer, not a bool."""
   return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
@@ -120,7 +122,7 @@ def _real(config: Any, name: str, low: float, high: float = float("inf"), *,
           low_open: bool = False, high_open: bool = True) -> float:
   """``config.<name>`` as a float, checked to lie in the interval [low, high) (or as given)."""
   value = _get(config, name)
-  ok = _is_real(value)
+  ok = is_real(value)
   if ok:
     ok = (value > low if low_open else value >= low) and (
         value < high if high_open else value <= high)
@@ -131,7 +133,7 @@ def _real(config: Any, name: str, low: float, high: float = float("inf"), *,
 
 
 def _positive_int(value: Any, name: str) -> int:
-  if not _is_int(value) or value <= 0:
+  if not is_int(value) or value <= 0:
     raise ValueError(f"{name} must be a positive integer, got {value!r}.")
   return int(value)
 
@@ -194,6 +196,11 @@ def _settings(config: Any) -> _Settings:
       plateau_min_scale=(_real(config, "plateau_min_scale", 0.0, 1.0, high_open=False)
                          if plateau else _get(config, "plateau_min_scale")),
   )
+
+
+def check_settings(config: Any) -> None:
+  """Raises ValueError naming the first optimizer field of ``config`` out of range."""
+  _settings(config)
 
 
 def scaled_learning_rate(config: Any) -> float:
@@ -345,9 +352,8 @@ def init_plateau(config: Any) -> optax_contrib.ReduceLROnPlateauState:
   """The host-side plateau state (a pytree of scalars), to be checkpointed with the train state.
 
   For other schedules this is an unused state of the same layout, so that every run's checkpoint
-  has the same structure; their plateau fields are not validated.
+  has the same structure. The fields are not read here: ``check_settings`` checks them.
   """
-  _settings(config)
   # The state's layout does not depend on the plateau settings, only on the dummy's dtype.
   return optax_contrib.reduce_on_plateau().init(_plateau_dummy())
 

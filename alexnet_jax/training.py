@@ -33,8 +33,8 @@ AXIS = "data"
 USER_ERRORS = (ValueError, OSError, FloatingPointError, ImportError,
                checkpointing.CheckpointError)
 MODEL_AXIS = "model"  # hybrid mode's second mesh axis, over which the dense layers are split
-PARALLEL_MODES = ("pmap", "jit", "hybrid")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+PARALLEL_MODES = config_checks.PARALLEL_MODES
+DTYPES = {name: getattr(jnp, name) for name in config_checks.DTYPES}
 
 
 class TrainState(flax.struct.PyTreeNode):

@@ -413,12 +413,25 @@ def test_a_failed_async_save_stops_the_run_at_once(tmp_path, small_disk):
      "config.num_epochs must be a positive number when num_train_steps is -1; got 0.0"),
     ({"prefetch": 0}, "config.prefetch must be a positive integer"),
     ({"model": "alexnet9"}, "config.model must be one of ('alexnet'"),
+    ({"parallel": "threads"}, "config.parallel must be one of ('pmap', 'jit', 'hybrid')"),
+    ({"dtype": "float16"}, "config.dtype must be one of ('float32', 'bfloat16')"),
+    ({"model_parallel": 2}, "config.model_parallel=2 needs config.parallel='hybrid'"),
+    ({"train_preset": "big"}, "config.train_preset must be one of"),
+    ({"eval_preset": "paper"}, "config.eval_preset must be one of"),
+    ({"schedule": "linear"}, "config.schedule must be one of"),
 ])
 def test_bad_config_values_are_named(fields, message):
   config = tiny_config(**fields)
   with pytest.raises(ValueError) as error:
     config_checks.validate(config)
   assert message in str(error.value)
+
+
+def test_settings_are_checked_before_the_sources_are_built(tmp_path):
+  # A missing folder would be reported first if the sources were built before the checks.
+  config = tiny_config(parallel="nonsense", dataset="folder:/nonexistent")
+  with pytest.raises(ValueError, match="config.parallel must be one of"):
+    training.train_and_evaluate(config, str(tmp_path))
 
 
 def test_every_shipped_config_is_valid():
