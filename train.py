@@ -17,6 +17,7 @@ import os
 import sys
 
 from alexnet_jax import extras
+from alexnet_jax.files import USER_ERRORS
 
 COMMAND = "python train.py"
 with extras.needed_by(COMMAND):  # without the train extra: one line naming it, no traceback
@@ -82,7 +83,7 @@ def main(argv):
     try:
       with extras.needed_by(COMMAND):  # inside: USER_ERRORS has ImportError, unnamed extras
         run(_CONFIG.value, _WORKDIR.value)
-    except training.USER_ERRORS as e:
+    except USER_ERRORS as e:
       if flags.FLAGS["verbosity"].present:  # asked for details: the traceback too
         raise
       print(f"error: {e}", file=sys.stderr, flush=True)

@@ -34,15 +34,12 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from alexnet_jax import config_checks
+from alexnet_jax.files import CheckpointError, write_atomically
 
 WHICH = ("latest", "best")
 CORRUPT_DIR = "corrupt"
 ITEMS = ("state", "config")  # what a checkpoint must hold to resume from it
 FILE_LIST = "files.json"  # beside the items: see record_files
-
-
-class CheckpointError(Exception):
-  """A checkpoint that cannot be used; the message says which and why."""
 
 
 class DamagedCheckpoint(CheckpointError):
@@ -354,10 +351,7 @@ def record_files(manager: ocp.CheckpointManager, step: int) -> None:
     return
   listing = {f: [os.path.getsize(os.path.join(folder, f)), _crc32(os.path.join(folder, f))]
              for f in _files(folder)}
-  tmp = os.path.join(folder, f"{FILE_LIST}.tmp-{os.getpid()}")
-  with open(tmp, "w") as f:
-    json.dump(listing, f)
-  os.replace(tmp, os.path.join(folder, FILE_LIST))
+  write_atomically(os.path.join(folder, FILE_LIST), json.dumps(listing))
 
 
 def check_files(manager: ocp.CheckpointManager, step: int) -> None:

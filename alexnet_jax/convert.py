@@ -20,8 +20,8 @@ from typing import Any, Sequence
 
 from alexnet_jax import extras
 from alexnet_jax.models import VARIANTS, count_params
-from alexnet_jax.pretrained import (FLAX_SUFFIXES, TORCH_SUFFIXES, load_params, save_params,
-                                    write_atomically)
+from alexnet_jax.files import write_atomically
+from alexnet_jax.pretrained import FLAX_SUFFIXES, TORCH_SUFFIXES, load_params, save_params
 
 
 def _parse_setting(text: str) -> tuple[str, Any]:

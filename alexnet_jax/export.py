@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from alexnet_jax import extras, pretrained
+from alexnet_jax import extras, files, pretrained
 from alexnet_jax.models import VARIANTS, AlexNet, create_model
 
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
@@ -75,8 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     params = pretrained.load_weights(args.weights, model, args.variant, what="--weights")
     exported = export(model, params, args.platforms, args.batch)
     data = exported.serialize()
-    pretrained.write_atomically(args.out, data)
-  except (ValueError, OSError, ImportError) as e:  # e.g. torch for a .pth file
+    files.write_atomically(args.out, data)
+  except files.USER_ERRORS as e:  # e.g. torch for a .pth file
     print(extras.describe(parser.prog, e), file=sys.stderr)
     return 1
   shape = exported.in_avals[0].shape

@@ -66,6 +66,11 @@ MOMENTUM_RULES = ("torch", "paper")
 LR_SCALINGS = ("none", "linear")
 
 _REQUIRED = object()
+# torchvision's AlexNet recipe (8 GPUs x 32): what configs/imagenet_torchvision.py sets, and
+# what `bench train` times.
+TORCHVISION_RECIPE = {"learning_rate": 0.01, "momentum": 0.9, "weight_decay": 1e-4,
+                      "schedule": "step", "lr_step_epochs": 30, "warmup_epochs": 0.0}
+
 DEFAULTS = {
     "lr_scaling": "none",
     "lr_base_batch_size": 128,
@@ -319,6 +324,12 @@ def create_optimizer(config: Any, steps_per_epoch: int,
                        optax.trace(momentum, s.nesterov))
 
   return optax.inject_hyperparams(chain)(schedule, s.momentum, s.weight_decay)
+
+
+def optimizer_for_layout(config: Any) -> optax.GradientTransformation:
+  """``config``'s optimizer for a state template (restoring, evaluating): its state's layout does
+  not depend on the schedule's length, which is set arbitrarily here."""
+  return create_optimizer(config, steps_per_epoch=1, num_train_steps=10**9)
 
 
 def current_learning_rate(opt_state: Any) -> jax.Array:

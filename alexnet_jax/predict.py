@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from alexnet_jax import extras, ops, pretrained
+from alexnet_jax.files import USER_ERRORS
 from alexnet_jax.models import VARIANTS, AlexNet, create_model
 
 
@@ -145,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       raise ValueError(f"no images in {', '.join(args.paths)}")
     model = create_model(args.variant, **overrides)
     params = pretrained.load_weights(args.weights, model, args.variant, what="--weights")
-  except (ValueError, OSError, ImportError) as e:
+  except USER_ERRORS as e:
     print(extras.describe(COMMAND, e), file=sys.stderr)  # an extra's missing module: which extra
     return 1
   names = class_names() if model.num_classes == 1000 else None

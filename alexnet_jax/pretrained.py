@@ -25,6 +25,7 @@ import jax
 import numpy as np
 from flax import serialization
 
+from alexnet_jax.files import write_atomically
 from alexnet_jax.models import AlexNet, create_model, init_params, param_shapes
 
 TORCH_SUFFIXES = (".pth", ".pt")
@@ -33,12 +34,10 @@ FLAX_SUFFIXES = (".msgpack",)
 
 @dataclasses.dataclass(frozen=True)
 class Published:
-  """A published weights file: the variant it fits, where it is and what it scores."""
+  """A published weights file: the variant it fits and where it is."""
 
   variant: str
   url: str
-  top1: float  # ImageNet-1k val, torchvision's figures
-  top5: float
 
   @property
   def filename(self) -> str:
@@ -55,8 +54,7 @@ class Published:
 
 PUBLISHED: Mapping[str, Published] = {
     "torchvision": Published("alexnet",
-                             "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",
-                             56.522, 79.066),
+                             "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"),
 }
 # The variant's name stands for its published weights.
 ALIASES: Mapping[str, str] = {"alexnet": "torchvision"}
@@ -94,18 +92,6 @@ def torch_hub_dir() -> str:
 
 # ----------------------------------------------------------------------------------------------
 # Flax msgpack params.
-
-
-def write_atomically(path: str, data: bytes) -> None:
-  """Writes ``data`` to ``path`` through a temporary file: a failure leaves no partial file."""
-  tmp = f"{path}.tmp-{os.getpid()}"
-  try:
-    with open(tmp, "wb") as f:
-      f.write(data)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
 
 
 def save_params(path: str, params: Any) -> None:

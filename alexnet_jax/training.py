@@ -1,8 +1,9 @@
 """Training and evaluation: one per-device step body, wrapped by ``jax.pmap`` or ``jax.jit`` +
 ``jax.shard_map``; ``train_and_evaluate(config, workdir)`` is the whole job.
 
-The state is kept unreplicated in both modes (pmap broadcasts it with ``in_axes=None``), so a
-checkpoint does not depend on the number of devices that wrote it.
+The state is one global array per leaf in every mode (pmap broadcasts it with
+``in_axes=None``; hybrid mode splits the dense layers' leaves), so a checkpoint does not depend on
+the number of devices that wrote it.
 """
 
 from __future__ import annotations
@@ -28,10 +29,6 @@ from alexnet_jax.metric_log import MetricLogger
 from alexnet_jax.models import AlexNet, create_model, init_params
 
 AXIS = "data"
-# What a user can fix (settings, files, a damaged checkpoint, a full disk, a diverged run, a
-# missing extra): a command line reports these in one line.
-USER_ERRORS = (ValueError, OSError, FloatingPointError, ImportError,
-               checkpointing.CheckpointError)
 MODEL_AXIS = "model"  # hybrid mode's second mesh axis, over which the dense layers are split
 PARALLEL_MODES = config_checks.PARALLEL_MODES
 DTYPES = {name: getattr(jnp, name) for name in config_checks.DTYPES}
@@ -433,7 +430,7 @@ def _initial_state(config: Any, model: AlexNet, tx: optax.GradientTransformation
                    manager: Any) -> tuple[TrainState, bool]:
   """The newest intact checkpoint's state, or a fresh one (from ``init_from`` if set)."""
   if manager.latest_step() is not None:
-    # Straight into the replicated layout: every process reads its own devices' copy.
+    # Straight into the mode's layout: every process reads its own devices' parts.
     template = place_state(create_train_state(config, model, tx), steps)
     state = checkpointing.restore_latest(manager, template, config)
     if state is not None:
@@ -588,7 +585,7 @@ def evaluate_checkpoint(config: Any, workdir: str, which: str | None = None) -> 
   _check_store(config, eval_source)
   preprocess = create_preprocess(config)
   model = create_model_from_config(config, eval_source.num_classes)
-  tx = optim.create_optimizer(config, 1, 10**9)  # the state's layout is all that matters here
+  tx = optim.optimizer_for_layout(config)
   steps = make_steps(config.parallel, model, tx, model_parallel=config.model_parallel,
                      normalize=preprocess.normalizer())
   manager = checkpointing.create_manager(workdir, config, training=False)

@@ -6,6 +6,7 @@ with the shorter side at 256: ``python -m alexnet_jax.prepare imagenet2012 STORE
 then ``--config.dataset=prepared:STORE``.
 """
 
+from alexnet_jax import optim
 from configs import default
 
 
@@ -21,11 +22,7 @@ def get_config():
   c.std = (0.229, 0.224, 0.225)
   c.batch_size = 256
   c.num_epochs = 90.0
-  c.learning_rate = 0.01
-  c.weight_decay = 1e-4
-  c.schedule = "step"
-  c.lr_step_epochs = 30
-  c.warmup_epochs = 0.0
+  c.update(optim.TORCHVISION_RECIPE)  # lr .01, momentum .9, wd 1e-4, x0.1 every 30 epochs
   c.log_every_steps = 100
   c.eval_every_epochs = 1.0
   c.checkpoint_every_steps = 2000

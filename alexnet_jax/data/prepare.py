@@ -27,6 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from alexnet_jax.data import host, loader, sources
+from alexnet_jax.files import write_atomically
 
 MODES = ("paper", "shorter")
 PROGRESS_DIR = ".progress"
@@ -106,12 +107,7 @@ def _write_shard(source: Any, out_dir: str, split: str, shard: int, num_shards: 
 
 
 def _write_json(path: str, value: Any) -> None:
-  """Whole or not at all: a reader never sees half a file."""
-  with open(path + ".tmp", "w") as f:
-    json.dump(value, f, indent=1)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(path + ".tmp", path)
+  write_atomically(path, json.dumps(value, indent=1))
 
 
 def _finished(out_dir: str, name: str) -> dict[str, Any] | None:
