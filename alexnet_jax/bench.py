@@ -199,7 +199,7 @@ def _jax_side(model: Any, tx: Any, state: Any, x: np.ndarray, y: np.ndarray) -> 
 
   figures = {"compile_s_jax": compile_s,
              "executed_train_gflop_per_image": (cost or {}).get("flops", 0.0) / len(x) / 1e9,
-             "eval_chunk": model.impl.chunk(model, x.shape)}
+             "eval_chunk": model.eval_chunk(x.shape)}
   if memory is not None:
     figures["xla_train_step_memory_mb"] = (
         memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes

@@ -36,7 +36,7 @@ from jax.experimental import multihost_utils
 from alexnet_jax import config_checks
 from alexnet_jax.files import CheckpointError, write_atomically
 
-WHICH = ("latest", "best")
+WHICH = config_checks.EVAL_CHECKPOINTS
 CORRUPT_DIR = "corrupt"
 ITEMS = ("state", "config")  # what a checkpoint must hold to resume from it
 FILE_LIST = "files.json"  # beside the items: see record_files
@@ -433,7 +433,7 @@ def restore_latest(manager: ocp.CheckpointManager, template: Any, config: Any) -
 def restore(manager: ocp.CheckpointManager, template: Any, which: str = "latest") -> Any | None:
   """The verified state of the latest or best checkpoint, or None if none; nothing is moved."""
   if which not in WHICH:
-    raise ValueError(f"eval_checkpoint must be one of {WHICH}; got {which!r}")
+    raise ValueError(f"which must be one of {WHICH}; got {which!r}")
   step = manager.latest_step() if which == "latest" else manager.best_step()
   return None if step is None else restore_step(manager, step, template)
 
@@ -453,5 +453,5 @@ def restore_params(path: str) -> Any:
     except Exception as e:  # noqa: BLE001
       raise CheckpointError(f"{path!r}: the checkpoint cannot be read "
                             f"({describe_error(e)})") from e
-  raise FileNotFoundError(f"{path!r} is neither a .pth/.pt/.msgpack file nor an Orbax "
-                          "checkpoint (a workdir, its checkpoints folder or one step folder)")
+  raise FileNotFoundError(f"{path!r} is not an Orbax checkpoint (a workdir, its checkpoints "
+                          "folder or one step folder)")

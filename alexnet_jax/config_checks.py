@@ -20,6 +20,7 @@ from alexnet_jax.optim import is_int, is_real
 
 PARALLEL_MODES = ("pmap", "jit", "hybrid")
 DTYPES = ("float32", "bfloat16")  # compute dtypes (params stay float32)
+EVAL_CHECKPOINTS = ("latest", "best")
 
 # Fields a resume may change: how often the run logs, evaluates and saves, where it finds its
 # files, how it is spread over devices (the same step body; a checkpoint restores on any
@@ -74,7 +75,8 @@ def validate(config: Any) -> None:
   if config.num_train_steps == -1 and (not is_real(epochs) or epochs <= 0):
     raise ValueError(f"config.num_epochs must be a positive number when num_train_steps is -1; "
                      f"got {epochs!r}")
-  for name, valid in (("parallel", PARALLEL_MODES), ("dtype", DTYPES)):
+  for name, valid in (("parallel", PARALLEL_MODES), ("dtype", DTYPES),
+                      ("eval_checkpoint", EVAL_CHECKPOINTS)):
     if config[name] not in valid:
       raise ValueError(f"config.{name} must be one of {valid}; got {config[name]!r}")
   if config.model_parallel != 1 and config.parallel != "hybrid":

@@ -160,6 +160,13 @@ class AlexNet(nn.Module):
           return None
     return size
 
+  def eval_chunk(self, shape: tuple) -> Any:
+    """Images per chunk of the eval forward's conv stack for NHWC ``shape`` (``impl.chunk``)."""
+    k, s, p = self.conv_kernels[0], self.conv_strides[0], self.conv_paddings[0]
+    h, w = (_conv_out(side, k, s, p) for side in shape[1:3])
+    return self.impl.chunk(shape[0], h * w * self.conv_features[0]
+                           * jnp.dtype(self.dtype).itemsize)
+
   @property
   def min_input_size(self) -> int:
     """Smallest input side this configuration accepts."""
@@ -264,7 +271,7 @@ class AlexNet(nn.Module):
       return x
 
     # Activations kept from inside the chunk loop would leak out of its trace.
-    chunk = n if train or sown or self.is_initializing() else self.impl.chunk(self, x.shape)
+    chunk = n if train or sown or self.is_initializing() else self.eval_chunk(x.shape)
     if chunk == n:
       x = stack(lambda layer, x: layer(x), x)
     else:  # the stack as a function of its params, which the implementation may transform

@@ -308,18 +308,14 @@ class Implementation:
   def max_pool(self, x: jax.Array, window: int, stride: int) -> jax.Array:
     return (max_pool if self.tap_max_pool else xla_max_pool)(x, window, stride)
 
-  def chunk(self, model: Any, shape: Sequence[Any]) -> Any:
-    """Images per chunk of ``model``'s CPU eval conv stack for NHWC ``shape``; the batch when it
-    runs whole."""
-    batch = shape[0]
+  def chunk(self, batch: Any, first_output_bytes: int) -> Any:
+    """Images per chunk of the CPU eval conv stack for ``batch`` images whose first layer's
+    output takes ``first_output_bytes`` each; the batch when it runs whole."""
     if not isinstance(batch, int):  # a symbolic batch (jax.export): no divisor to choose
       return batch
     chunk = self.eval_chunk
     if chunk is None:
-      k, s, p = model.conv_kernels[0], model.conv_strides[0], model.conv_paddings[0]
-      h, w = ((side + 2 * p - k) // s + 1 for side in shape[1:3])
-      per_image = h * w * model.conv_features[0] * jnp.dtype(model.dtype).itemsize
-      chunk = max(1, EVAL_CHUNK_BYTES // per_image)
+      chunk = max(1, EVAL_CHUNK_BYTES // first_output_bytes)
     return max((b for b in range(1, min(batch, chunk) + 1) if batch % b == 0), default=batch)
 
   def eval_conv_stack(self, stack: Callable[[Any, jax.Array], jax.Array], params: Any,

@@ -227,10 +227,11 @@ def load(name: str = "alexnet", model: AlexNet | None = None, **fetch_kwargs: An
 
 
 def match_model(params: Mapping[str, Any], model: AlexNet, source: str, *,
-                replace_head: bool = False, seed: int = 0) -> dict:
+                replace_head: bool = False, seed: int = 0,
+                replace_head_option: str = "replace_head=True") -> dict:
   """``params`` checked against ``model``'s shapes. A ``num_classes=0`` model drops fc3; a head of
   another class count is started afresh (from ``seed``) only with ``replace_head``. ``source``
-  names the params in errors."""
+  and ``replace_head_option`` are the caller's words for them in errors."""
   params = jax.tree_util.tree_map(np.asarray, dict(params))
   fresh = param_shapes(model)  # shapes only: nothing is initialised unless the head is
   if not model.num_classes:
@@ -247,8 +248,7 @@ def match_model(params: Mapping[str, Any], model: AlexNet, source: str, *,
     if not replace_head:
       raise ValueError(
           f"{source} has a {shape(params['fc3'])['kernel'][1]}-class head, the model "
-          f"{model.num_classes} classes; to start the head afresh, set "
-          "config.init_replace_head=True (load_weights: replace_head=True)")
+          f"{model.num_classes} classes; to start the head afresh, set {replace_head_option}")
     params["fc3"] = init_params(model, jax.random.PRNGKey(seed))["fc3"]
   return params
 
@@ -265,10 +265,12 @@ def _torch_params(path: str, model: AlexNet, variant: str) -> dict:
 
 
 def load_weights(source: str, model: AlexNet, variant: str, *, replace_head: bool = False,
-                 seed: int = 0, what: str = "weights") -> dict:
+                 seed: int = 0, what: str = "weights",
+                 replace_head_option: str = "replace_head=True") -> dict:
   """Params for ``model`` (of ``variant``) from published weights' name, a ``.pth``/``.pt``
   state_dict, ``.msgpack`` params or an Orbax checkpoint (a workdir, its checkpoints folder or
-  one step). ``what`` is the option that named ``source``, for errors."""
+  one step). ``what`` and ``replace_head_option`` are how the caller's user names ``source`` and
+  ``replace_head``, for errors."""
   label = f"{what}={source!r}"
   entry = published(source)
   if entry is not None and not os.path.exists(source):
@@ -289,4 +291,8 @@ def load_weights(source: str, model: AlexNet, variant: str, *, replace_head: boo
       params = checkpointing.restore_params(source)
     except checkpointing.CheckpointError as e:
       raise ValueError(f"{label}: {e}") from e
-  return match_model(params, model, label, replace_head=replace_head, seed=seed)
+    except FileNotFoundError as e:
+      raise FileNotFoundError(
+          f"{label}: {e}, nor a weights file ({'/'.join(TORCH_SUFFIXES + FLAX_SUFFIXES)})") from e
+  return match_model(params, model, label, replace_head=replace_head, seed=seed,
+                     replace_head_option=replace_head_option)

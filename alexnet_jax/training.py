@@ -574,7 +574,8 @@ def _initial_params(config: Any, model: AlexNet) -> Any | None:
     return None
   return pretrained.load_weights(config.init_from, model, config.model,
                                  replace_head=config.init_replace_head, seed=config.seed,
-                                 what="init_from")
+                                 what="init_from",
+                                 replace_head_option="config.init_replace_head=True")
 
 
 def evaluate_checkpoint(config: Any, workdir: str, which: str | None = None) -> dict[str, float]:

@@ -115,7 +115,7 @@ def test_cpu_eval_forward_runs_the_conv_stack_by_chunks(monkeypatch):
 
 def test_the_default_eval_chunk_keeps_conv1_output_near_the_budget():
   alexnet, small = A.create_model("alexnet"), A.create_model("alexnet_small")
-  chunk = lambda impl, model, shape: impl.chunk(model, shape)
+  chunk = lambda impl, model, shape: model.clone(impl=impl).eval_chunk(shape)
   # torchvision's AlexNet: conv1's output is 55x55x64 fp32, 774 KB an image
   assert chunk(ops.FAST, alexnet, (64, 224, 224, 3)) == 4
   assert chunk(ops.FAST, alexnet, (63, 224, 224, 3)) == 3  # divides the batch

@@ -185,3 +185,17 @@ def test_export_round_trips_with_a_symbolic_batch(tmp_path, capsys):
   assert export.main(["--variant", "alexnet_small", "--weights", str(tmp_path / "none.msgpack"),
                       "--out", fixed]) == 1
   assert "does not exist" in capsys.readouterr().err
+
+
+def test_errors_use_the_callers_words(tmp_path):
+  model = A.create_model("alexnet_small")
+  other = tmp_path / "weights.bin"
+  other.write_bytes(b"not weights")
+  with pytest.raises(FileNotFoundError, match=r"--weights='.*weights.bin'.*not an Orbax "
+                     r"checkpoint.*nor a weights file \(\.pth/\.pt/\.msgpack\)"):
+    pretrained.load_weights(str(other), model, "alexnet_small", what="--weights")
+  params = A.init_params(model.clone(num_classes=5), jax.random.PRNGKey(0))
+  with pytest.raises(ValueError, match="to start the head afresh, set replace_head=True$"):
+    pretrained.match_model(params, model, "these params")
+  with pytest.raises(ValueError, match="set --new_head$"):
+    pretrained.match_model(params, model, "these params", replace_head_option="--new_head")
