@@ -1,10 +1,11 @@
-"""Benchmarks: ``python -m alexnet_jax.bench {train,data}``.
+"""Benchmarks: ``python -m alexnet_jax.bench {train,data,feed}``.
 
 ``train`` times the library's own train step (``training.make_steps``, with the library's
 defaults: ``ops.compiler_options``, no XLA_FLAGS) and the jitted forward (eval mode, which on CPU
 runs the conv stack a few images at a time: ``ops.Implementation.eval_chunk``) against the
-same model and optimizer in PyTorch eager (NCHW and channels_last; the ratios are against the
-faster) and ``torch.compile``, in one process, on the same batch, fp32. They are timed in
+same model and optimizer in PyTorch eager on the same device (NCHW and channels_last; the ratios
+are against the faster) and ``torch.compile``, in one process, on the same batch, fp32 or bf16,
+for one or more batch sizes; with model FLOP/s and MFU. They are timed in
 alternating rounds after a warm-up, so that a background load or thermal
 drift hits all alike; the figure is the median round. Not all noise does hit alike
 (docs/performance.md), so each round's figure is reported too. It also reports compile times, XLA's
@@ -18,6 +19,10 @@ core (``paper`` from the paper store, ``torchvision`` and ``center_crop`` from t
 against the bare decode of the same store's files by the same decoder on the same threads; then
 every preset on the original files, per core. ``--threads`` and ``--workers`` set the loader's
 threads and Grain worker processes.
+
+``feed`` runs the training loop (``train_and_evaluate``) of a config file fed by the loader from a
+store of photo-cut JPEGs it prepares, and the same loop on one batch kept on the devices; it
+prints both, their ratio, and each stage alone (loader, host-to-device copy, step).
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from alexnet_jax import extras
-from alexnet_jax.models import VARIANTS
+from alexnet_jax.models import DTYPES, VARIANTS
 
 
 def _rounds_ips(fns: dict[str, Callable[[], Any]], batch: int, rounds: int, iters: int,
@@ -765,15 +770,14 @@ def _print_train(r: dict[str, Any]) -> None:
     print(f"memory: {memory}process peak RSS {e['peak_rss_mb']:.0f} MiB")
 
 
-@extras.needed_by("python -m alexnet_jax.bench")
-def main(argv: Sequence[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="python -m alexnet_jax.bench", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="what", required=True)
   p = sub.add_parser("train", help="the library's train step and forward vs PyTorch")
   p.add_argument("--variant", default="alexnet", choices=VARIANTS)
   p.add_argument("--batch", type=int, nargs="+", default=[64], help="one or more batch sizes")
-  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+  p.add_argument("--dtype", choices=DTYPES, default="float32",
                  help="compute dtype (params stay float32; PyTorch uses bf16 autocast)")
   p.add_argument("--rounds", type=int, default=5, help="alternating timed rounds (median kept)")
   p.add_argument("--iters", type=int, default=3, help="calls per round")
@@ -811,6 +815,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   f.add_argument("--images", type=int, default=0,
                  help="JPEGs in the store (0 = two batches)")
   f.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+  return parser
+
+
+@extras.needed_by("python -m alexnet_jax.bench")
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = _parser()
   args, rest = parser.parse_known_args(argv)
   if rest and (args.what != "feed" or not all(a.startswith("--config") or not a.startswith("-")
                                               for a in rest)):

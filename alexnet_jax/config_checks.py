@@ -15,11 +15,10 @@ from typing import Any, Mapping
 
 from alexnet_jax import optim
 from alexnet_jax.data import host
-from alexnet_jax.models import VARIANTS
+from alexnet_jax.models import DTYPES, VARIANTS
 from alexnet_jax.optim import is_int, is_real
 
 PARALLEL_MODES = ("pmap", "jit", "hybrid")
-DTYPES = ("float32", "bfloat16")  # compute dtypes (params stay float32)
 EVAL_CHECKPOINTS = ("latest", "best")
 
 # Fields a resume may change: how often the run logs, evaluates and saves, where it finds its

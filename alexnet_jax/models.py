@@ -349,6 +349,7 @@ VARIANT_SETTINGS: Mapping[str, Mapping[str, Any]] = {
 }
 
 VARIANTS: tuple[str, ...] = tuple(VARIANT_SETTINGS)
+DTYPES: tuple[str, ...] = ("float32", "bfloat16")  # compute dtypes a config may name
 
 SETTINGS: tuple[str, ...] = tuple(
     f.name for f in dataclasses.fields(AlexNet) if f.name not in ("parent", "name", "impl"))

@@ -26,12 +26,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from alexnet_jax import checkpointing, config_checks, ops, optim, preemption, pretrained
 from alexnet_jax.data import host, loader, order, sources
 from alexnet_jax.metric_log import MetricLogger
-from alexnet_jax.models import AlexNet, create_model, init_params
+from alexnet_jax.models import DTYPES as COMPUTE_DTYPES, AlexNet, create_model, init_params
 
 AXIS = "data"
 MODEL_AXIS = "model"  # hybrid mode's second mesh axis, over which the dense layers are split
 PARALLEL_MODES = config_checks.PARALLEL_MODES
-DTYPES = {name: getattr(jnp, name) for name in config_checks.DTYPES}
+DTYPES = {name: getattr(jnp, name) for name in COMPUTE_DTYPES}
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -202,23 +202,7 @@ def make_steps(mode: str, model: AlexNet, tx: optax.GradientTransformation, *,
   replicated = NamedSharding(mesh, P())
   options = ops.compiler_options(devices.flat[0].platform)
   if mode == "pmap":
-    local = [d for d in mesh.devices if d.process_index == jax.process_index()]
-    local_rows = NamedSharding(Mesh(np.array(local), (AXIS,)), P(AXIS))
-    train = jax.pmap(train_body, AXIS, in_axes=(None, 0), out_axes=(None, None),
-                     donate_argnums=(0,), devices=list(mesh.devices))
-    evaluate = jax.pmap(eval_body, AXIS, in_axes=(None, 0), out_axes=None,
-                        devices=list(mesh.devices))
-    if jax.process_count() > 1:
-      # Without compiler options: a pmap compiled ahead of time expects global shapes where the
-      # call passes local ones (multi-process runs are on GPUs and TPUs, where they are empty).
-      train = _global_state_outputs(train, replicated)
-    else:
-      train, evaluate = _compiled_with(options, train), _compiled_with(options, evaluate)
-    per_device = lambda x: x.reshape((len(local), -1) + x.shape[1:])
-    return Steps(
-        train=train, eval=evaluate,
-        put=lambda x: jax.device_put(per_device(x), local_rows),
-        state_sharding=lambda path, x: replicated, num_devices=mesh.size)
+    return _pmap_steps(mesh, train_body, eval_body, options)
   rows = NamedSharding(mesh, P(AXIS))
   # check_vma=False: with it on, grad() would psum the gradient of the replicated params on its
   # own, and the body's explicit pmean would then average a sum; off, the body runs exactly as
@@ -235,6 +219,29 @@ def make_steps(mode: str, model: AlexNet, tx: optax.GradientTransformation, *,
       eval=jax.jit(wrap(eval_body, P()), compiler_options=options),
       put=lambda x: jax.make_array_from_process_local_data(rows, x),
       state_sharding=state_sharding, num_devices=mesh.size)
+
+
+def _pmap_steps(mesh: Mesh, train_body: Callable, eval_body: Callable,
+                options: dict[str, Any]) -> Steps:
+  """The bodies under ``jax.pmap`` over ``mesh``'s devices; the state replicated."""
+  replicated = NamedSharding(mesh, P())
+  local = [d for d in mesh.devices if d.process_index == jax.process_index()]
+  local_rows = NamedSharding(Mesh(np.array(local), (AXIS,)), P(AXIS))
+  train = jax.pmap(train_body, AXIS, in_axes=(None, 0), out_axes=(None, None),
+                   donate_argnums=(0,), devices=list(mesh.devices))
+  evaluate = jax.pmap(eval_body, AXIS, in_axes=(None, 0), out_axes=None,
+                      devices=list(mesh.devices))
+  if jax.process_count() > 1:
+    # Without compiler options: a pmap compiled ahead of time expects global shapes where the
+    # call passes local ones (multi-process runs are on GPUs and TPUs, where they are empty).
+    train = _global_state_outputs(train, replicated)
+  else:
+    train, evaluate = _compiled_with(options, train), _compiled_with(options, evaluate)
+  per_device = lambda x: x.reshape((len(local), -1) + x.shape[1:])
+  return Steps(
+      train=train, eval=evaluate,
+      put=lambda x: jax.device_put(per_device(x), local_rows),
+      state_sharding=lambda path, x: replicated, num_devices=mesh.size)
 
 
 def _dense_split(mesh: Mesh, path: tuple, x: Any) -> NamedSharding:
