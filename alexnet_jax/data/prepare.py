@@ -166,14 +166,7 @@ def prepare(dataset: str, out_dir: str, *, mode: str, size: int = 256, quality: 
     _check_same_settings(out_dir, metadata, settings)
     print(f"prepare: {out_dir} is complete already ({metadata_path})", flush=True)
     return metadata
-  progress_settings = os.path.join(out_dir, PROGRESS_DIR, "settings.json")
-  if os.path.exists(progress_settings):
-    with open(progress_settings) as f:
-      _check_same_settings(out_dir, json.load(f), settings)
-  else:
-    os.makedirs(os.path.dirname(progress_settings), exist_ok=True)
-    _write_json(progress_settings, settings)
-
+  _start_or_resume(out_dir, settings)
   tasks, finished = [], {}
   for split, source in split_sources.items():
     bounds = shard_bounds(len(source), shard_size)
@@ -203,6 +196,17 @@ def prepare(dataset: str, out_dir: str, *, mode: str, size: int = 256, quality: 
       pool.shutdown(wait=True, cancel_futures=True)  # lets the shards in progress finish
       raise
   return _finish(out_dir, settings, split_sources, finished)
+
+
+def _start_or_resume(out_dir: str, settings: dict[str, Any]) -> None:
+  """Records the settings of a new run; a resumed one must have the same."""
+  path = os.path.join(out_dir, PROGRESS_DIR, "settings.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      _check_same_settings(out_dir, json.load(f), settings)
+  else:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    _write_json(path, settings)
 
 
 def _check_same_settings(out_dir: str, before: dict[str, Any], settings: dict[str, Any]
