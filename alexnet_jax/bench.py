@@ -608,7 +608,6 @@ def _resident_feed(host_batches: Callable[[], Iterator[Any]], batch: int, repeat
     it = host_batches()
     host_batch = next(it)
     del it  # stops its reads: none may run beside the loop
-    placed = None
     begin = time.perf_counter()
     for _ in range(repeats):
       placed = jax.block_until_ready(jax.tree_util.tree_map(steps.put, host_batch))
@@ -831,11 +830,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   if min(counts) < 1 or (args.what == "data" and min(args.threads, args.workers) < 0):
     parser.error("sizes and counts must be positive (threads and workers: 0 or more)")
   # Up front, all at once: the first missing module would otherwise stop a run minutes in.
-  extras.require(parser.prog, *{
-      "train": ("grain",) + (() if args.what != "train" or args.no_torch else ("torch",)),
-      "data": ("PIL", "simplejpeg", "cv2", "grain"),
-      "feed": ("PIL", "simplejpeg", "cv2", "grain", "sklearn", "ml_collections", "orbax"),
-  }[args.what])
+  if args.what == "train":
+    needed = ("grain",) if args.no_torch else ("grain", "torch")
+  else:
+    needed = ("PIL", "simplejpeg", "cv2", "grain") + (
+        ("sklearn", "ml_collections", "orbax") if args.what == "feed" else ())
+  extras.require(parser.prog, *needed)
 
   if args.what == "feed":
     try:
