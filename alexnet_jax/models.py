@@ -240,22 +240,40 @@ class AlexNet(nn.Module):
   def _forward(self, x: Array, train: bool, head: bool) -> Array:
     self.check_input_shape(x.shape)
     x = x.astype(self.dtype)
-    n = x.shape[0]
-    conv = self.impl.conv(n)
+    # Kept only when asked for, not by init (which makes every collection mutable).
+    sown = self.is_mutable_collection("intermediates") and not self.is_initializing()
+    activations = {}
+    # Activations kept from inside the chunk loop would leak out of its trace.
+    whole = train or sown or self.is_initializing()
+    x = self._conv_stack(x, whole, activations)
+    if self.avgpool_size is not None:
+      x = adaptive_avg_pool(x, (self.avgpool_size, self.avgpool_size))
+    # Flattened in (H, W, C) order; torch_interop permutes fc1 to and from torch's (C, H, W).
+    x = x.reshape((x.shape[0], -1))
+    if head:
+      x = self._head(x, train, activations)
+    if sown:
+      self.sow("intermediates", "activations", activations, reduce_fn=lambda _, new: new)
+    return x
+
+  def _conv_layers(self, batch: int) -> list[nn.Conv]:
+    conv = self.impl.conv(batch)
     channels = (self.in_channels,) + tuple(self.conv_features)
-    convs = []
+    layers = []
     for i, features in enumerate(self.conv_features):
       name = f"conv{i + 1}"
       k, p, g = self.conv_kernels[i], self.conv_paddings[i], self.groups[i]
       kernel_init, bias_init = self._inits(name, channels[i] // g * k * k, is_conv=True)
-      convs.append(nn.Conv(features, (k, k), strides=self.conv_strides[i],
-                           padding=((p, p), (p, p)), feature_group_count=g,
-                           kernel_init=kernel_init, bias_init=bias_init,
-                           conv_general_dilated=conv, dtype=self.dtype,
-                           param_dtype=self.param_dtype, name=name))
-    # Kept only when asked for, not by init (which makes every collection mutable).
-    sown = self.is_mutable_collection("intermediates") and not self.is_initializing()
-    activations = {}
+      layers.append(nn.Conv(features, (k, k), strides=self.conv_strides[i],
+                            padding=((p, p), (p, p)), feature_group_count=g,
+                            kernel_init=kernel_init, bias_init=bias_init,
+                            conv_general_dilated=conv, dtype=self.dtype,
+                            param_dtype=self.param_dtype, name=name))
+    return layers
+
+  def _conv_stack(self, x: Array, whole: bool, activations: dict) -> Array:
+    """Convs, LRN and pools, in eval chunks of the batch unless ``whole``."""
+    convs = self._conv_layers(x.shape[0])
 
     def stack(apply_conv, x):
       pools = 0
@@ -270,39 +288,32 @@ class AlexNet(nn.Module):
           activations[f"pool{pools}"] = x
       return x
 
-    # Activations kept from inside the chunk loop would leak out of its trace.
-    chunk = n if train or sown or self.is_initializing() else self.eval_chunk(x.shape)
-    if chunk == n:
-      x = stack(lambda layer, x: layer(x), x)
-    else:  # the stack as a function of its params, which the implementation may transform
-      params = {layer.name: self.variables["params"][layer.name] for layer in convs}
-      pure = lambda p, x: stack(lambda layer, x: layer.clone(parent=None).apply(
-          {"params": p[layer.name]}, x), x)
-      x = self.impl.eval_conv_stack(pure, params, x, chunk)
-    if self.avgpool_size is not None:
-      x = adaptive_avg_pool(x, (self.avgpool_size, self.avgpool_size))
-    # Flattened in (H, W, C) order; torch_interop permutes fc1 to and from torch's (C, H, W).
-    x = x.reshape((x.shape[0], -1))
+    chunk = x.shape[0] if whole else self.eval_chunk(x.shape)
+    if chunk == x.shape[0]:
+      return stack(lambda layer, x: layer(x), x)
+    # The stack as a function of its params, which the implementation may transform.
+    params = {layer.name: self.variables["params"][layer.name] for layer in convs}
+    pure = lambda p, x: stack(lambda layer, x: layer.clone(parent=None).apply(
+        {"params": p[layer.name]}, x), x)
+    return self.impl.eval_conv_stack(pure, params, x, chunk)
 
-    if head:
-      dropout = nn.Dropout(self.dropout_rate, deterministic=not train)
-      widths = (self.hidden_width, self.hidden_width) + ((self.num_classes,) if self.num_classes
-                                                         else ())
-      for i, width in enumerate(widths):
-        name = f"fc{i + 1}"
-        hidden = i < 2  # fc1 and fc2
-        if hidden and self.dropout_placement == "before_hidden":
+  def _head(self, x: Array, train: bool, activations: dict) -> Array:
+    dropout = nn.Dropout(self.dropout_rate, deterministic=not train)
+    widths = (self.hidden_width, self.hidden_width) + ((self.num_classes,) if self.num_classes
+                                                       else ())
+    for i, width in enumerate(widths):
+      name = f"fc{i + 1}"
+      hidden = i < 2  # fc1 and fc2
+      if hidden and self.dropout_placement == "before_hidden":
+        x = dropout(x)
+      kernel_init, bias_init = self._inits(name, x.shape[-1], is_conv=False)
+      x = nn.Dense(width, kernel_init=kernel_init, bias_init=bias_init, dtype=self.dtype,
+                   param_dtype=self.param_dtype, name=name)(x)
+      if hidden:
+        x = nn.relu(x)
+        activations[name] = x
+        if self.dropout_placement == "after_hidden":
           x = dropout(x)
-        kernel_init, bias_init = self._inits(name, x.shape[-1], is_conv=False)
-        x = nn.Dense(width, kernel_init=kernel_init, bias_init=bias_init, dtype=self.dtype,
-                     param_dtype=self.param_dtype, name=name)(x)
-        if hidden:
-          x = nn.relu(x)
-          activations[name] = x
-          if self.dropout_placement == "after_hidden":
-            x = dropout(x)
-    if sown:
-      self.sow("intermediates", "activations", activations, reduce_fn=lambda _, new: new)
     return x
 
 
