@@ -31,7 +31,6 @@ if __name__ == "__main__":  # before the imports below: without torch, one line,
 
 import argparse
 import dataclasses
-import functools
 import sys
 from typing import Any, Callable, Iterable, Sequence
 
@@ -172,7 +171,7 @@ def _flax_path(model: AlexNet) -> Callable[[Any, np.ndarray], tuple[list, list]]
   Compiled as the compared gradients are: op-by-op dispatch would use other kernels, whose
   rounding can tip a near-zero ReLU input or a near-tied pool window the other way.
   """
-  @functools.partial(jax.jit, compiler_options=ops.compiler_options())
+  @_jit
   def path(params, x):
     _, state = model.apply({"params": params}, x, mutable=["intermediates"])
     acts = state["intermediates"]["activations"]
@@ -214,80 +213,116 @@ def _run_case(case: Case, batch: int, steps: int, seed: int, tols: Tolerances) -
   params = jax.tree_util.tree_map(jnp.asarray,
                                   params_from_torch(net.state_dict(), case.variant, **overrides))
   rng = np.random.default_rng(seed)
-  jit = functools.partial(jax.jit, compiler_options=ops.compiler_options())  # as the steps
-  apply = jit(lambda p, x: model.apply({"params": p}, x))  # the default eval forward
-  flax_path = _flax_path(model)
-  rows = []
+  rows = _logit_rows(case, model, net, params, batch, rng, tols.logits)
+  drop_at = steps // 2
+  batches = _Batches(case, model, net, batch, rng, tols.same_path)
+  rows += _training_rows(case, model, net, params, batches, steps, drop_at, tols)
+  rows.append(_optimizer_row(case, params, steps, drop_at, rng))
+  rows.extend(_torchvision_rows(case, seed, tols.logits))
+  return rows
 
+
+def _jit(fun: Callable) -> Callable:
+  return jax.jit(fun, compiler_options=ops.compiler_options())  # as the train and eval steps
+
+
+def _sgd(drop_at: int) -> optax.GradientTransformation:
+  """``torch.optim.SGD(momentum, weight_decay)`` with ``MultiStepLR([drop_at])``, in optax."""
+  schedule = optax.piecewise_constant_schedule(LR, {drop_at: LR_DROP_FACTOR})
+  return optax.chain(optax.add_decayed_weights(WEIGHT_DECAY), optax.sgd(schedule, MOMENTUM))
+
+
+def _torch_sgd(tensors: Iterable[torch.Tensor], drop_at: int) -> tuple[Any, Any]:
+  opt = torch.optim.SGD(tensors, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+  return opt, torch.optim.lr_scheduler.MultiStepLR(opt, [drop_at], LR_DROP_FACTOR)
+
+
+def _logits_row(label: str, what: str, out: np.ndarray, ref: np.ndarray, tol: float) -> Row:
+  diff = float(np.abs(out - ref).max())
+  return Row(label, what, "logits", diff, diff / float(np.abs(ref).max()), tol)
+
+
+def _logit_rows(case: Case, model: AlexNet, net: torch.nn.Module, params: Any, batch: int,
+                rng: np.random.Generator, tol: float) -> list[Row]:
+  apply = _jit(lambda p, x: model.apply({"params": p}, x))  # the default eval forward
+  rows = []
   for size in case.sizes:
     x = rng.standard_normal((batch, size, size, model.in_channels), np.float32)
     with torch.no_grad():
       ref = net(_nchw(x)).numpy()
-    out = np.asarray(apply(params, x))
-    diff = float(np.abs(out - ref).max())
-    rows.append(Row(case.label, f"logits {size}x{size}", "logits", diff,
-                    diff / float(np.abs(ref).max()), tols.logits))
+    rows.append(_logits_row(case.label, f"logits {size}x{size}", np.asarray(apply(params, x)),
+                            ref, tol))
+  return rows
+
+
+class _Batches:
+  """Random training batches, redrawn where asked until both frameworks take the same path."""
+
+  def __init__(self, case: Case, model: AlexNet, net: torch.nn.Module, batch: int,
+               rng: np.random.Generator, same_path: bool):
+    self.label, self.same_path = case.label, same_path
+    self.model, self.net, self.batch, self.rng = model, net, batch, rng
+    self.flax_path = _flax_path(model)
+    self.redraws = 0
+
+  def _draw(self) -> tuple[np.ndarray, np.ndarray]:
+    side, m = self.model.input_size, self.model
+    x = self.rng.standard_normal((self.batch, side, side, m.in_channels), np.float32)
+    return x, self.rng.integers(0, m.num_classes, self.batch)
+
+  def draw(self, params: Any) -> tuple[np.ndarray, np.ndarray]:
+    if not self.same_path:
+      return self._draw()
+    for _ in range(MAX_REDRAWS):
+      x, y = self._draw()
+      if _same_path(self.model, self.flax_path, params, self.net, x):
+        return x, y
+      self.redraws += 1
+    raise RuntimeError(f"{self.label}: {MAX_REDRAWS} batches in a row took different ReLU/max-pool "
+                       "paths in Flax and PyTorch; the forwards disagree beyond rounding")
+
+  def note(self) -> str:
+    return f"{self.redraws} batches redrawn" if self.same_path else "paths not matched"
+
+
+def _training_rows(case: Case, model: AlexNet, net: torch.nn.Module, params: Any,
+                   batches: _Batches, steps: int, drop_at: int, tols: Tolerances) -> list[Row]:
+  """Loss gradients at the initial params, and the params after ``steps`` SGD steps."""
+  tx = _sgd(drop_at)
 
   def loss_fn(p, x, y):
     logits = model.apply({"params": p}, x)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-  side = model.input_size
-  def batch_at(step_rng):
-    x = step_rng.standard_normal((batch, side, side, model.in_channels), np.float32)
-    return x, step_rng.integers(0, model.num_classes, batch)
-
-  redraws = 0
-  def same_path_batch(p):
-    nonlocal redraws
-    if not tols.same_path:
-      return batch_at(rng)
-    for _ in range(MAX_REDRAWS):
-      x, y = batch_at(rng)
-      if _same_path(model, flax_path, p, net, x):
-        return x, y
-      redraws += 1
-    raise RuntimeError(f"{case.label}: {MAX_REDRAWS} batches in a row took different ReLU/max-pool "
-                       "paths in Flax and PyTorch; the forwards disagree beyond rounding")
-
-  # torch.optim.SGD(momentum, weight_decay) == add_decayed_weights + sgd(momentum), schedule too.
-  drop_at = steps // 2
-  schedule = optax.piecewise_constant_schedule(LR, {drop_at: LR_DROP_FACTOR})
-  tx = optax.chain(optax.add_decayed_weights(WEIGHT_DECAY), optax.sgd(schedule, MOMENTUM))
-
-  @jit
+  @_jit
   def sgd_step(p, opt_state, x, y):
     g = jax.grad(loss_fn)(p, x, y)
     updates, opt_state = tx.update(g, opt_state, p)
     return optax.apply_updates(p, updates), opt_state, g
 
-  opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-  lr_sched = torch.optim.lr_scheduler.MultiStepLR(opt, [drop_at], LR_DROP_FACTOR)
+  opt, lr_sched = _torch_sgd(net.parameters(), drop_at)
   opt_state = tx.init(params)
-  initial = params
-  path_note = lambda: f"{redraws} batches redrawn" if tols.same_path else "paths not matched"
+  rows = []
   for step in range(steps):
-    x, y = same_path_batch(params)
+    x, y = batches.draw(params)
     params, opt_state, grads = sgd_step(params, opt_state, x, y)
     opt.zero_grad()
     torch.nn.functional.cross_entropy(net(_nchw(x)), torch.from_numpy(y)).backward()
-    if step == 0:  # the loss gradients at the initial params (weight decay is added in step())
+    if step == 0:  # weight decay is added in step(), after this
       rows.append(_rel_rows(case.label, "gradients", grads,
-                            _torch_grads_as_flax(net, case.variant, overrides), tols.grads,
-                            path_note()))
-      redraws = 0
+                            _torch_grads_as_flax(net, case.variant, dict(case.overrides)),
+                            tols.grads, batches.note()))
+      batches.redraws = 0
     opt.step()
     lr_sched.step()
-  trained = params_from_torch(net.state_dict(), case.variant, **overrides)
+  trained = params_from_torch(net.state_dict(), case.variant, **dict(case.overrides))
   rows.append(_rel_rows(case.label, f"params after {steps} SGD steps", params, trained,
-                        tols.params, path_note()))
-  rows.append(_optimizer_row(case, initial, tx, steps, drop_at, rng))
-  rows.extend(_torchvision_rows(case, seed, tols.logits))
+                        tols.params, batches.note()))
   return rows
 
 
-def _optimizer_row(case: Case, params: Any, tx: optax.GradientTransformation, steps: int,
-                   drop_at: int, rng: np.random.Generator) -> Row:
+def _optimizer_row(case: Case, params: Any, steps: int, drop_at: int,
+                   rng: np.random.Generator) -> Row:
   """The update rule alone: optax and torch.optim.SGD fed the same gradients, O(1) in size.
 
   Within the network run the updates are tiny next to the weights, so a wrong weight decay or
@@ -299,8 +334,8 @@ def _optimizer_row(case: Case, params: Any, tx: optax.GradientTransformation, st
   names = [(layer, name) for layer in params for name in params[layer]]
   ours = jax.tree_util.tree_map(np.asarray, params)
   tensors = [torch.tensor(ours[l][n], requires_grad=True) for l, n in names]
-  opt = torch.optim.SGD(tensors, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-  lr_sched = torch.optim.lr_scheduler.MultiStepLR(opt, [drop_at], LR_DROP_FACTOR)
+  opt, lr_sched = _torch_sgd(tensors, drop_at)
+  tx = _sgd(drop_at)
   opt_state = tx.init(ours)
   for _ in range(steps):
     grads = jax.tree_util.tree_map(
@@ -335,9 +370,7 @@ def _torchvision_rows(case: Case, seed: int, tol: float) -> list[Row]:
   with torch.no_grad():
     ref = net(_nchw(x)).numpy()
   out = np.asarray(create_model("alexnet").apply({"params": params}, x))
-  diff = float(np.abs(out - ref).max())
-  return [Row(case.label, "logits vs torchvision.models.alexnet", "logits", diff,
-              diff / float(np.abs(ref).max()), tol)]
+  return [_logits_row(case.label, "logits vs torchvision.models.alexnet", out, ref, tol)]
 
 
 def format_rows(rows: Iterable[Row]) -> str:
