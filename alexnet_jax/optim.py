@@ -44,8 +44,9 @@ epochs (they must come after the warmup); cosine decays to 0 over the steps left
 
 The 'plateau' schedule (the paper's "divide the LR by 10 when the validation error stops
 improving") uses ``optax.contrib.reduce_on_plateau``. Its state lives on the host, outside the
-train step: ``init_plateau`` makes it, and ``update_plateau`` feeds it each validation error and
-writes the resulting scale into the optimizer state, so the next update uses ``LR * scale``.
+train step: ``init_plateau`` makes it, and ``update_plateau`` feeds it each validation error
+through ``plateau_rule(config)`` and writes the resulting scale into the optimizer state, so the
+next update uses ``LR * scale``.
 """
 
 from __future__ import annotations
@@ -345,10 +346,11 @@ def current_learning_rate(opt_state: Any) -> jax.Array:
   return jnp.asarray(hyperparams["learning_rate"])
 
 
-def _plateau(config: Any) -> optax.GradientTransformationExtraArgs:
+def plateau_rule(config: Any) -> optax.GradientTransformationExtraArgs:
+  """The reduce-on-plateau logic of ``config`` (schedule 'plateau'), for ``update_plateau``."""
   s = _settings(config)
   if s.schedule != "plateau":
-    raise ValueError(f"update_plateau needs config.schedule='plateau', got {s.schedule!r}.")
+    raise ValueError(f"plateau_rule needs config.schedule='plateau', got {s.schedule!r}.")
   return optax_contrib.reduce_on_plateau(
       factor=s.lr_decay_factor, patience=s.plateau_patience, rtol=s.plateau_rtol, atol=0.0,
       cooldown=0, accumulation_size=1, min_scale=s.plateau_min_scale)
@@ -359,26 +361,26 @@ def _plateau_dummy() -> jax.Array:
   return jnp.zeros([], jnp.float32)
 
 
-def init_plateau(config: Any) -> optax_contrib.ReduceLROnPlateauState:
+def init_plateau() -> optax_contrib.ReduceLROnPlateauState:
   """The host-side plateau state (a pytree of scalars), to be checkpointed with the train state.
 
-  For other schedules this is an unused state of the same layout, so that every run's checkpoint
-  has the same structure. The fields are not read here: ``check_settings`` checks them.
+  Every schedule gets one, unused but for 'plateau', so that every run's checkpoint has the same
+  structure. Its layout does not depend on the plateau settings, only on the dummy's dtype.
   """
-  # The state's layout does not depend on the plateau settings, only on the dummy's dtype.
   return optax_contrib.reduce_on_plateau().init(_plateau_dummy())
 
 
-def update_plateau(config: Any, plateau_state: optax_contrib.ReduceLROnPlateauState,
+def update_plateau(rule: optax.GradientTransformationExtraArgs,
+                   plateau_state: optax_contrib.ReduceLROnPlateauState,
                    opt_state: Any, eval_error: float
                    ) -> tuple[optax_contrib.ReduceLROnPlateauState, Any]:
   """Feeds one validation error to the plateau logic; returns it and opt_state at the new scale.
 
-  Call once per evaluation, outside the train step. The LR of later updates is the schedule's
-  LR times the scale. Raises ValueError unless schedule is 'plateau', as calling it then is a bug.
+  Call once per evaluation, outside the train step, with ``rule = plateau_rule(config)``. The LR
+  of later updates is the schedule's LR times the scale. Raises ValueError unless ``opt_state``
+  has the 'plateau' schedule, as calling it then is a bug.
   """
-  rop = _plateau(config)
-  _, plateau_state = rop.update(_plateau_dummy(), plateau_state, value=eval_error)
+  _, plateau_state = rule.update(_plateau_dummy(), plateau_state, value=eval_error)
   old = opt_state.hyperparams_states["learning_rate"]
   if not isinstance(old, PlateauScheduleState):
     raise ValueError("opt_state must come from create_optimizer with schedule='plateau' (when "

@@ -68,7 +68,7 @@ def create_train_state(config: Any, model: AlexNet, tx: optax.GradientTransforma
   if params is None:
     params = init_params(model, init_rng)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    rng=state_rng, plateau=optim.init_plateau(config))
+                    rng=state_rng, plateau=optim.init_plateau())
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0
@@ -520,6 +520,7 @@ def _train(config: Any, workdir: str, state: TrainState, steps: Steps, manager: 
   step = start_step = int(state.step)
   log = MetricLogger(workdir, enabled=main_process, tensorboard=config.tensorboard)
   log.resume_at(start_step)
+  evaluate_and_adapt = _evaluator(config, steps, eval_source, preprocess, log)
   if main_process:
     print(f"{config.model} on {config.dataset}: {num_steps} steps of {config.batch_size} "
           f"({steps_per_epoch} per epoch), {config.parallel} over {steps.num_devices} device(s)",
@@ -541,8 +542,7 @@ def _train(config: Any, workdir: str, state: TrainState, steps: Steps, manager: 
           print(_progress(step, num_steps, summary, start, start_step), flush=True)
       eval_metrics = None
       if plan.evaluates(step):
-        state, eval_metrics = _evaluate_and_adapt(config, state, steps, eval_source, preprocess,
-                                                  step, log)
+        state, eval_metrics = evaluate_and_adapt(state, step)
       if saving:
         saver.save(step, state, eval_metrics)
         meter.restart()
@@ -555,23 +555,27 @@ def _train(config: Any, workdir: str, state: TrainState, steps: Steps, manager: 
   return jax.device_get(state)
 
 
-def _evaluate_and_adapt(config: Any, state: TrainState, steps: Steps, eval_source: Any,
-                        preprocess: host.Preprocess, step: int, log: MetricLogger
-                        ) -> tuple[TrainState, dict[str, float]]:
-  """Evaluates, logs, and lets the plateau schedule see the result."""
-  metrics = evaluate(steps, state.params, eval_source, preprocess,
-                     config.eval_batch_size or config.batch_size, config.prefetch,
-                     **_loader_options(config))
-  log.write(step, metrics)
-  if jax.process_index() == 0:
-    print(f"eval at step {step}: loss {metrics['eval_loss']:.4f}  "
-          f"top1 {metrics['eval_top1']:.4f}  top5 {metrics['eval_top5']:.4f}  "
-          f"({int(metrics['eval_count'])} examples)", flush=True)
-  if config.schedule == "plateau":
-    plateau, opt_state = optim.update_plateau(config, state.plateau, state.opt_state,
-                                              1.0 - metrics["eval_top1"])
-    state = state.replace(plateau=plateau, opt_state=opt_state)
-  return state, metrics
+def _evaluator(config: Any, steps: Steps, eval_source: Any, preprocess: host.Preprocess,
+               log: MetricLogger) -> Callable[[TrainState, int], tuple[TrainState, dict]]:
+  """``(state, step) -> (state, metrics)``: evaluates, logs, and lets the plateau schedule see
+  the result."""
+  plateau = optim.plateau_rule(config) if config.schedule == "plateau" else None
+
+  def evaluate_and_adapt(state: TrainState, step: int) -> tuple[TrainState, dict[str, float]]:
+    metrics = evaluate(steps, state.params, eval_source, preprocess,
+                       config.eval_batch_size or config.batch_size, config.prefetch,
+                       **_loader_options(config))
+    log.write(step, metrics)
+    if jax.process_index() == 0:
+      print(f"eval at step {step}: loss {metrics['eval_loss']:.4f}  "
+            f"top1 {metrics['eval_top1']:.4f}  top5 {metrics['eval_top5']:.4f}  "
+            f"({int(metrics['eval_count'])} examples)", flush=True)
+    if plateau is not None:
+      plateau_state, opt_state = optim.update_plateau(plateau, state.plateau, state.opt_state,
+                                                      1.0 - metrics["eval_top1"])
+      state = state.replace(plateau=plateau_state, opt_state=opt_state)
+    return state, metrics
+  return evaluate_and_adapt
 
 
 def _initial_params(config: Any, model: AlexNet) -> Any | None:

@@ -231,14 +231,15 @@ def test_plateau_drops_lr_after_patience_and_survives_jit():
     updates, s = tx.update(g, s, p)
     return updates, s
 
-  opt_state, plateau_state = tx.init(params), optim.init_plateau(config)
+  opt_state, plateau_state = tx.init(params), optim.init_plateau()
+  rule = optim.plateau_rule(config)
   structure = jax.tree.structure(opt_state)
   errors = [0.5, 0.4, 0.4, 0.4, 0.4, 0.4, 0.4, 0.4, 0.4]
   # First two improve; then every `patience` evaluations without improvement drop the LR by 10,
   # down to min_scale (0.005, so the third drop stops at 0.005 instead of 0.001).
   expected = [1, 1, 1, 0.1, 0.1, 0.01, 0.01, 0.005, 0.005]
   for error, scale in zip(errors, expected):
-    plateau_state, opt_state = optim.update_plateau(config, plateau_state, opt_state, error)
+    plateau_state, opt_state = optim.update_plateau(rule, plateau_state, opt_state, error)
     assert jax.tree.structure(opt_state) == structure
     assert float(optim.current_learning_rate(opt_state)) == pytest.approx(LR * scale, rel=1e-5)
     updates, opt_state = step(params, opt_state, grads[0])
@@ -257,9 +258,10 @@ def test_plateau_scales_warmup():
                    plateau_patience=1)
   tx = optim.create_optimizer(config, SPE, STEPS)
   params, grads = _params_and_grads(6)
-  opt_state, plateau_state = tx.init(params), optim.init_plateau(config)
+  opt_state, plateau_state = tx.init(params), optim.init_plateau()
+  rule = optim.plateau_rule(config)
   for error in (0.5, 0.5):  # improves, then one evaluation without improvement: scale 0.1
-    plateau_state, opt_state = optim.update_plateau(config, plateau_state, opt_state, error)
+    plateau_state, opt_state = optim.update_plateau(rule, plateau_state, opt_state, error)
   lrs = []
   for g in grads:
     _, opt_state = tx.update(g, opt_state, params)
@@ -268,18 +270,16 @@ def test_plateau_scales_warmup():
                              rtol=1e-5, atol=1e-9)
 
 
-def test_update_plateau_rejects_other_schedules():
+def test_plateau_rejects_other_schedules():
   config = _config(schedule="multistep")
   plateau = _config(schedule="plateau")
-  # init_plateau works for every schedule, with one layout, so checkpoints share a structure.
-  state = optim.init_plateau(config)
-  assert jax.tree.structure(state) == jax.tree.structure(optim.init_plateau(plateau))
+  state = optim.init_plateau()
   params, _ = _params_and_grads(0)
   opt_state = optim.create_optimizer(config, SPE, STEPS).init(params)
-  with pytest.raises(ValueError, match="config.schedule"):
-    optim.update_plateau(config, state, opt_state, 0.5)
+  with pytest.raises(ValueError, match="config.schedule='plateau', got 'multistep'"):
+    optim.plateau_rule(config)
   with pytest.raises(ValueError, match="schedule='plateau'"):  # config and opt_state disagree
-    optim.update_plateau(plateau, state, opt_state, 0.5)
+    optim.update_plateau(optim.plateau_rule(plateau), state, opt_state, 0.5)
 
 
 BAD_CONFIGS = [

@@ -122,8 +122,8 @@ def test_one_source_of_defaults():
   updates = []
   for c in (full, omitted):
     tx = optim.create_optimizer(c, 10, 100)
-    state, plateau = tx.init(params), optim.init_plateau(c)
+    state, plateau = tx.init(params), optim.init_plateau()
     for error in (0.5, 0.5, 0.5, 0.5):  # no improvement: the patience runs out
-      plateau, state = optim.update_plateau(c, plateau, state, error)
+      plateau, state = optim.update_plateau(optim.plateau_rule(c), plateau, state, error)
     updates.append(tx.update(grads, state, params)[0]["w"])
   np.testing.assert_array_equal(*updates)
