@@ -174,15 +174,18 @@ def model_flops(model: Any, tx: Any, state: Any, batch: int) -> tuple[float, flo
 
 @dataclasses.dataclass
 class _Timed:
-  """The callables one framework is timed with (each blocks until its work is done)."""
+  """The callables one framework is timed with (each blocks until its work is done), by runner
+  name: "jax", or PyTorch's "torch" (NCHW), "torch_channels_last" and "torch_compile"."""
   train: dict[str, Callable[[], Any]]
   forward: dict[str, Callable[[], Any]]
-  figures: dict[str, Any]
+  compile_s: dict[str, float]
+  compile_error: str | None = None  # why torch.compile is not among them
 
 
-def _jax_side(model: Any, tx: Any, state: Any, x: np.ndarray, y: np.ndarray) -> _Timed:
+def _jax_side(model: Any, tx: Any, state: Any, x: np.ndarray, y: np.ndarray
+              ) -> tuple[_Timed, Any]:
   """The library's train step (``training.make_steps("jit")`` on one device) and jitted
-  forward, compiled for this batch."""
+  forward, compiled for this batch; and the compiled step."""
   import jax
 
   from alexnet_jax import ops, training
@@ -195,24 +198,25 @@ def _jax_side(model: Any, tx: Any, state: Any, x: np.ndarray, y: np.ndarray) -> 
   compile_s = time.perf_counter() - start
   forward = jax.jit(lambda p, x: model.apply({"params": p}, x),
                     compiler_options=ops.compiler_options())
-  cost = compiled.cost_analysis()
-  memory = compiled.memory_analysis()
 
   def train():
     holder["state"], metrics = compiled(holder["state"], batch)
     metrics["train_loss"].block_until_ready()
 
-  figures = {"compile_s_jax": compile_s,
-             "executed_train_gflop_per_image": (cost or {}).get("flops", 0.0) / len(x) / 1e9,
-             "eval_chunk": model.eval_chunk(x.shape)}
-  if memory is not None:
-    figures["xla_train_step_memory_mb"] = (
-        memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
-        - memory.alias_size_in_bytes) / 2**20
   return _Timed(
       train={"jax": train},
       forward={"jax": lambda: forward(holder["state"].params, batch["image"]).block_until_ready()},
-      figures=figures)
+      compile_s={"jax": compile_s}), compiled
+
+
+def _step_footprint(compiled: Any, batch: int) -> tuple[float, float | None]:
+  """XLA's FLOPs per image of the compiled step, and its memory in MiB where XLA says."""
+  executed = (compiled.cost_analysis() or {}).get("flops", 0.0) / batch / 1e9
+  memory = compiled.memory_analysis()
+  if memory is None:
+    return executed, None
+  return executed, (memory.argument_size_in_bytes + memory.output_size_in_bytes
+                    + memory.temp_size_in_bytes - memory.alias_size_in_bytes) / 2**20
 
 
 def _torch_side(net: Any, x: np.ndarray, y: np.ndarray, dtype: str, device: str, recipe: Any,
@@ -252,47 +256,97 @@ def _torch_side(net: Any, x: np.ndarray, y: np.ndarray, dtype: str, device: str,
     return forward
 
   timed = _Timed(train={k: step_of(*v) for k, v in layouts.items()},
-                 forward={k: forward_of(*v) for k, v in layouts.items()}, figures={})
+                 forward={k: forward_of(*v) for k, v in layouts.items()}, compile_s={})
   if torch_compile:
     module, inputs = layouts["torch_channels_last" if device == "cuda" else "torch"]
     try:
       step = step_of(torch.compile(copy.deepcopy(module)), inputs)
       start = time.perf_counter()
       step()
-      timed.figures["compile_s_torch_compile"] = time.perf_counter() - start
+      timed.compile_s["torch_compile"] = time.perf_counter() - start
       timed.train["torch_compile"] = step
     except Exception as e:  # noqa: BLE001  (no C++ toolchain, unsupported platform, ...)
-      timed.figures["torch_compile_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+      timed.compile_error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
   return timed
 
 
+@dataclasses.dataclass
+class Speed:
+  """Images/s of one kind of work, the train step or the eval forward, by runner (``_Timed``)."""
+  ips: dict[str, float]  # the median round
+  rounds: dict[str, list[float]]  # a shared VM's noise shows as spread (docs/performance.md)
+  anchor: str | None  # PyTorch eager's faster layout, which ``ratio`` is against
+  ratio: float | None  # jax / anchor
+
+  @classmethod
+  def of(cls, rounds: dict[str, list[float]]) -> "Speed":
+    ips = {name: statistics.median(v) for name, v in rounds.items()}
+    eager = [k for k in ("torch", "torch_channels_last") if k in ips]
+    anchor = max(eager, key=ips.get) if eager else None
+    return cls(ips, rounds, anchor, ips["jax"] / ips[anchor] if anchor else None)
+
+
+@dataclasses.dataclass
+class Flops:
+  """Model FLOPs per image (direct convolutions, ``model_flops``) and the rates they give."""
+  train_gflop_per_image: float
+  fwd_gflop_per_image: float
+  executed_train_gflop_per_image: float  # XLA's count of the compiled step
+  train_tflops: float
+  fwd_tflops: float
+  mfu_measured_peak: float
+  mfu_datasheet_peak: float | None
+
+  @classmethod
+  def of(cls, model: tuple[float, float], executed: float, train: Speed, forward: Speed,
+         peak: float, datasheet: float | None) -> "Flops":
+    train_flops, fwd_flops = model
+    train_tflops = train_flops * train.ips["jax"] / 1e12
+    return cls(train_flops / 1e9, fwd_flops / 1e9, executed, train_tflops,
+               fwd_flops * forward.ips["jax"] / 1e12, train_tflops / peak,
+               train_tflops / datasheet if datasheet else None)
+
+
+@dataclasses.dataclass
+class BatchFigures:
+  """Everything ``bench train`` measured at one batch size."""
+  batch: int
+  train: Speed
+  forward: Speed
+  flops: Flops
+  compile_s: dict[str, float]  # by runner
+  torch_compile_error: str | None
+  eval_chunk: int  # images per chunk of the eval forward's conv stack
+  xla_train_step_memory_mb: float | None  # arguments + outputs + temporaries
+  peak_rss_mb: float
+
+
+@dataclasses.dataclass
+class TrainBench:
+  """``bench train``'s result: the setting, the machine, and one ``BatchFigures`` per batch."""
+  variant: str
+  dtype: str
+  winograd: bool
+  compiler_options: dict[str, Any]
+  machine: dict[str, Any]
+  torch: dict[str, Any] | None  # version, device, threads; None when not run
+  torch_not_run: str | None
+  matmul_tflops: float  # the measured peak, a large matmul in ``dtype``
+  datasheet_tflops: float | None
+  batches: list[BatchFigures]
+
+
 def _measure(sides: Sequence[_Timed], batch: int, rounds: int, iters: int, warmup: int
-             ) -> dict[str, Any]:
-  """Images/s of every callable, train and forward, in alternating rounds; medians and ratios
-  against PyTorch eager's faster layout (the anchor)."""
-  result: dict[str, Any] = {}
-  for kind, short in (("train", "train"), ("forward", "fwd")):
-    per_round = _rounds_ips({k: v for side in sides for k, v in getattr(side, kind).items()},
-                            batch, rounds, iters, warmup)
-    median = {name: statistics.median(v) for name, v in per_round.items()}
-    # A shared VM's noise shows as spread between rounds (docs/performance.md).
-    result[f"rounds_{short}_ips"] = per_round
-    for name, ips in median.items():
-      result[f"{name}_{short}_ips"] = ips
-    eager = [k for k in ("torch", "torch_channels_last") if k in median]
-    if eager:
-      anchor = max(eager, key=median.get)
-      result[f"torch_{short}_anchor"] = anchor
-      result[f"ratio_{short}"] = median["jax"] / median[anchor]
-  if "torch_compile_train_ips" in result:
-    result["ratio_train_vs_compile"] = result["jax_train_ips"] / result["torch_compile_train_ips"]
-  return result
+             ) -> tuple[Speed, Speed]:
+  """Train step and forward speed of every runner, in alternating rounds."""
+  runners = lambda kind: {k: v for side in sides for k, v in getattr(side, kind).items()}
+  return (Speed.of(_rounds_ips(runners("train"), batch, rounds, iters, warmup)),
+          Speed.of(_rounds_ips(runners("forward"), batch, rounds, iters, warmup)))
 
 
-def _torch_net(variant: str, seed: int, info: dict[str, Any], device: str
-               ) -> tuple[Any, Any]:
-  """PyTorch's model with its default init, and the same weights as Flax params; what runs it
-  goes into ``info``."""
+def _torch_net(variant: str, seed: int) -> tuple[Any, Any, dict[str, Any]]:
+  """PyTorch's model with its default init, the same weights as Flax params, and what runs
+  it."""
   import torch
 
   from alexnet_jax.torch_interop import params_from_torch
@@ -300,29 +354,14 @@ def _torch_net(variant: str, seed: int, info: dict[str, Any], device: str
 
   torch.manual_seed(seed)
   net = torch_model(variant)
-  info.update(torch_version=torch.__version__, torch_device=device,
-              torch_threads=torch.get_num_threads())
-  return net, params_from_torch(net.state_dict(), variant)
-
-
-def _flop_figures(flops: tuple[float, float], entry: dict[str, Any], peak: float,
-                  datasheet: float | None) -> dict[str, float]:
-  """Model FLOP/s of the timed train step and forward, and the step's MFU."""
-  train_flops, fwd_flops = flops
-  train_tflops = train_flops * entry["jax_train_ips"] / 1e12
-  figures = {"train_gflop_per_image": train_flops / 1e9, "fwd_gflop_per_image": fwd_flops / 1e9,
-             "jax_train_tflops": train_tflops,
-             "jax_fwd_tflops": fwd_flops * entry["jax_fwd_ips"] / 1e12,
-             "mfu_measured_peak": train_tflops / peak}
-  if datasheet:
-    figures["mfu_datasheet_peak"] = train_tflops / datasheet
-  return figures
+  about = {"version": torch.__version__, "threads": torch.get_num_threads()}
+  return net, params_from_torch(net.state_dict(), variant), about
 
 
 def bench_train(variant: str, batches: Sequence[int] = (64,), dtype: str = "float32",
                 rounds: int = 5, iters: int = 3, warmup: int = 2, seed: int = 0,
                 torch_compile: bool = True, winograd: bool = True, use_torch: bool = True
-                ) -> dict[str, Any]:
+                ) -> TrainBench:
   """Train-step and forward images/s of the library's step vs the same model in PyTorch on the
   same device, for each batch size; model FLOP/s and MFU against the peak measured in the same
   run (a large matmul in ``dtype``) and the datasheet's, where known.
@@ -344,34 +383,33 @@ def bench_train(variant: str, batches: Sequence[int] = (64,), dtype: str = "floa
   recipe = _recipe(seed)
   # ImageNet's length at batch 256: 5,005 steps an epoch, 90 epochs.
   tx = optim.create_optimizer(recipe, steps_per_epoch=5005, num_train_steps=90 * 5005)
-  net, params = _torch_net(variant, seed, info, device) if device else (None, None)
-  if not device:
-    info["torch_not_run"] = ("not asked for" if not use_torch else
-                             f"PyTorch has no {info['jax_backend']} device")
+  net, params, about = _torch_net(variant, seed) if device else (None, None, None)
   # On the host: each batch's step gets its own copy on the device, which it donates.
   state = jax.device_get(training.create_train_state(recipe, model, tx, params))
-  peak = matmul_tflops(dtype)
-  datasheet = datasheet_tflops(info["device_kind"], dtype)
-  result: dict[str, Any] = info | {
-      "variant": variant, "dtype": dtype, "winograd": winograd, "torch_compile": torch_compile,
-      "compiler_options": ops.compiler_options(), "matmul_tflops": peak,
-      "datasheet_tflops": datasheet, "batches": []}
+  peak, datasheet = matmul_tflops(dtype), datasheet_tflops(info["device_kind"], dtype)
+  result = TrainBench(
+      variant, dtype, winograd, ops.compiler_options(), info,
+      torch=about and {**about, "device": device},
+      torch_not_run=None if device else ("not asked for" if not use_torch else
+                                         f"PyTorch has no {info['jax_backend']} device"),
+      matmul_tflops=peak, datasheet_tflops=datasheet, batches=[])
   rng = np.random.default_rng(seed)
   for batch in batches:
     side = model.input_size
     x = rng.standard_normal((batch, side, side, model.in_channels), np.float32)
     y = rng.integers(0, model.num_classes, batch).astype(np.int32)
-    sides = [_jax_side(model, tx, state, x, y)]
-    if device:
-      sides.append(_torch_side(net, x, y, dtype, device, recipe, torch_compile))
-    entry: dict[str, Any] = {"batch": batch}
-    for side in sides:
-      entry.update(side.figures)
-    entry.update(_measure(sides, batch, rounds, iters, warmup))
-    entry.update(_flop_figures(model_flops(model, tx, state, batch), entry, peak, datasheet))
-    entry["peak_rss_mb"] = _peak_rss_mb()
-    result["batches"].append(entry)
-    del sides
+    jax_side, compiled = _jax_side(model, tx, state, x, y)
+    sides = [jax_side] + ([_torch_side(net, x, y, dtype, device, recipe, torch_compile)]
+                          if device else [])
+    train, forward = _measure(sides, batch, rounds, iters, warmup)
+    executed, memory = _step_footprint(compiled, batch)
+    result.batches.append(BatchFigures(
+        batch, train, forward,
+        Flops.of(model_flops(model, tx, state, batch), executed, train, forward, peak, datasheet),
+        compile_s={k: v for side in sides for k, v in side.compile_s.items()},
+        torch_compile_error=sides[-1].compile_error, eval_chunk=model.eval_chunk(x.shape),
+        xla_train_step_memory_mb=memory, peak_rss_mb=_peak_rss_mb()))
+    del sides, compiled
     jax.clear_caches()
   return result
 
@@ -718,55 +756,58 @@ def _print_data(r: dict[str, Any]) -> None:
             f"{p['host_to_device_bytes_per_image']:>9,.0f} bytes/image to the device")
 
 
-def _print_train(r: dict[str, Any]) -> None:
-  torch_on = (f"torch {r['torch_version']} on {r['torch_device']} ({r['torch_threads']} threads)"
-              if "torch_device" in r else f"PyTorch not run ({r['torch_not_run']})")
-  print(f"{r['variant']}, {r['dtype']}, jax {r['jax_version']} on {r['device_count']} x "
-        f"{r['device_kind']} ({r['jax_backend']}), host CPU {r['cpu_model']} ({r['cores']} "
+def _print_train(r: TrainBench) -> None:
+  m = r.machine
+  torch_on = (f"torch {r.torch['version']} on {r.torch['device']} ({r.torch['threads']} threads)"
+              if r.torch else f"PyTorch not run ({r.torch_not_run})")
+  print(f"{r.variant}, {r.dtype}, jax {m['jax_version']} on {m['device_count']} x "
+        f"{m['device_kind']} ({m['jax_backend']}), host CPU {m['cpu_model']} ({m['cores']} "
         f"cores), {torch_on}")
-  print(f"XLA_FLAGS={r['xla_flags'] or '(none)'}, compiler options "
-        f"{r['compiler_options'] or '(none)'}, CPU convolutions "
-        f"{'Winograd where faster' if r['winograd'] else 'direct'}")
-  datasheet = (f"{r['datasheet_tflops']:.0f} TFLOP/s on the datasheet"
-               if r["datasheet_tflops"] else "no datasheet figure known for this device")
-  print(f"peak: {r['matmul_tflops']:.3g} TFLOP/s measured ({r['dtype']} matmul), {datasheet}")
-  for e in r["batches"]:
-    print(f"\nbatch {e['batch']}:")
-    compiled = e.get("torch_compile_train_ips")
-    torch_cols = "torch_train_ips" in e
-    print(f"{'':<22}{'alexnet-jax':>12}" + (f"{'torch NCHW':>12}{'torch NHWC':>12}{'ratio':>7}"
-                                              if torch_cols else "")
-          + (f"{'torch.compile':>15}{'ratio':>7}" if compiled else ""))
-    for label, kind in (("train step, img/s", "train"), ("forward, img/s", "fwd")):
-      row = f"{label:<22}{e[f'jax_{kind}_ips']:>12.1f}"
-      if torch_cols:
-        row += (f"{e[f'torch_{kind}_ips']:>12.1f}{e[f'torch_channels_last_{kind}_ips']:>12.1f}"
-                f"{e[f'ratio_{kind}']:>7.2f}")
-      if compiled and kind == "train":
-        row += f"{compiled:>15.1f}{e['ratio_train_vs_compile']:>7.2f}"
-      print(row)
-    if torch_cols:
-      layout = lambda k: "channels_last (NHWC)" if k == "torch_channels_last" else "NCHW"
-      print(f"ratios are against PyTorch eager's faster layout: train "
-            f"{layout(e['torch_train_anchor'])}, forward {layout(e['torch_fwd_anchor'])}")
-    spread = lambda rounds: ", ".join(f"{name} {min(v):.1f}-{max(v):.1f}"
-                                      for name, v in rounds.items())
-    print(f"img/s over the rounds: train {spread(e['rounds_train_ips'])}; "
-          f"forward {spread(e['rounds_fwd_ips'])}")
-    if "torch_compile_error" in e:
-      print(f"torch.compile: not used ({e['torch_compile_error']})")
-    print(f"compile: jax {e['compile_s_jax']:.1f} s"
-          + (f", torch.compile {e['compile_s_torch_compile']:.1f} s" if compiled else ""))
-    mfu = f"MFU {100 * e['mfu_measured_peak']:.1f}% of the measured peak"
-    if "mfu_datasheet_peak" in e:
-      mfu += f", {100 * e['mfu_datasheet_peak']:.1f}% of the datasheet's"
-    print(f"model FLOPs (direct convolutions, {e['train_gflop_per_image']:.2f} GFLOP/image/step): "
-          f"train {e['jax_train_tflops']:.3g} TFLOP/s, forward {e['jax_fwd_tflops']:.3g} "
-          f"TFLOP/s; {mfu}; XLA counts {e['executed_train_gflop_per_image']:.2f} GFLOP/image "
-          "in the compiled step")
-    memory = (f"XLA train step {e['xla_train_step_memory_mb']:.0f} MiB (arguments + outputs + "
-              "temporaries), " if "xla_train_step_memory_mb" in e else "")
-    print(f"memory: {memory}process peak RSS {e['peak_rss_mb']:.0f} MiB")
+  print(f"XLA_FLAGS={m['xla_flags'] or '(none)'}, compiler options "
+        f"{r.compiler_options or '(none)'}, CPU convolutions "
+        f"{'Winograd where faster' if r.winograd else 'direct'}")
+  datasheet = (f"{r.datasheet_tflops:.0f} TFLOP/s on the datasheet"
+               if r.datasheet_tflops else "no datasheet figure known for this device")
+  print(f"peak: {r.matmul_tflops:.3g} TFLOP/s measured ({r.dtype} matmul), {datasheet}")
+  for e in r.batches:
+    print(f"\nbatch {e.batch}:")
+    _print_speeds(e.train, e.forward)
+    if e.torch_compile_error:
+      print(f"torch.compile: not used ({e.torch_compile_error})")
+    print("compile: " + ", ".join(f"{name.replace('_', '.')} {s:.1f} s"
+                                  for name, s in e.compile_s.items()))
+    f = e.flops
+    mfu = f"MFU {100 * f.mfu_measured_peak:.1f}% of the measured peak"
+    if f.mfu_datasheet_peak is not None:
+      mfu += f", {100 * f.mfu_datasheet_peak:.1f}% of the datasheet's"
+    print(f"model FLOPs (direct convolutions, {f.train_gflop_per_image:.2f} GFLOP/image/step): "
+          f"train {f.train_tflops:.3g} TFLOP/s, forward {f.fwd_tflops:.3g} TFLOP/s; {mfu}; XLA "
+          f"counts {f.executed_train_gflop_per_image:.2f} GFLOP/image in the compiled step")
+    memory = (f"XLA train step {e.xla_train_step_memory_mb:.0f} MiB (arguments + outputs + "
+              "temporaries), " if e.xla_train_step_memory_mb is not None else "")
+    print(f"memory: {memory}process peak RSS {e.peak_rss_mb:.0f} MiB")
+
+
+def _print_speeds(train: Speed, forward: Speed) -> None:
+  compiled = train.ips.get("torch_compile")
+  print(f"{'':<22}{'alexnet-jax':>12}" + (f"{'torch NCHW':>12}{'torch NHWC':>12}{'ratio':>7}"
+                                          if train.anchor else "")
+        + (f"{'torch.compile':>15}{'ratio':>7}" if compiled else ""))
+  for label, speed in (("train step, img/s", train), ("forward, img/s", forward)):
+    row = f"{label:<22}{speed.ips['jax']:>12.1f}"
+    if speed.anchor:
+      row += (f"{speed.ips['torch']:>12.1f}{speed.ips['torch_channels_last']:>12.1f}"
+              f"{speed.ratio:>7.2f}")
+    if compiled and speed is train:
+      row += f"{compiled:>15.1f}{train.ips['jax'] / compiled:>7.2f}"
+    print(row)
+  if train.anchor:
+    layout = lambda k: "channels_last (NHWC)" if k == "torch_channels_last" else "NCHW"
+    print(f"ratios are against PyTorch eager's faster layout: train {layout(train.anchor)}, "
+          f"forward {layout(forward.anchor)}")
+  spread = lambda rounds: ", ".join(f"{name} {min(v):.1f}-{max(v):.1f}"
+                                    for name, v in rounds.items())
+  print(f"img/s over the rounds: train {spread(train.rounds)}; forward {spread(forward.rounds)}")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -863,7 +904,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _print_data(result)
   if args.json:
     with open(args.json, "w") as f:
-      json.dump(result, f, indent=2)
+      json.dump(dataclasses.asdict(result) if dataclasses.is_dataclass(result) else result, f,
+                indent=2)
   return 0
 
 

@@ -22,43 +22,46 @@ def test_bench_train_reports_both_frameworks(tmp_path, capsys, monkeypatch):
                      "--iters", "1", "--no_torch_compile", "--json", str(out)]) == 0
   result = json.loads(out.read_text())
   # What it ran on, and the peaks the MFU is taken against.
-  assert result["jax_backend"] == "cpu" and result["torch_device"] == "cpu"
-  assert result["cpu_model"] == bench.cpu_model() and result["cpu_model"]
+  assert result["machine"]["jax_backend"] == "cpu" and result["torch"]["device"] == "cpu"
+  assert result["machine"]["cpu_model"] == bench.cpu_model() and bench.cpu_model()
   assert result["matmul_tflops"] > 0 and result["datasheet_tflops"] is None
   assert [e["batch"] for e in result["batches"]] == [4, 8]
   for e in result["batches"]:
-    for key in ("jax_train_ips", "torch_train_ips", "jax_fwd_ips", "torch_fwd_ips",
-                "compile_s_jax", "xla_train_step_memory_mb", "peak_rss_mb"):
-      assert e[key] > 0, key
-    # The ratios are against PyTorch eager's faster layout, which the result names.
-    for kind in ("train", "fwd"):
-      layouts = {name: e[f"{name}_{kind}_ips"] for name in ("torch", "torch_channels_last")}
-      assert min(layouts.values()) > 0
-      assert e[f"torch_{kind}_anchor"] == max(layouts, key=layouts.get)
-      assert e[f"ratio_{kind}"] == pytest.approx(e[f"jax_{kind}_ips"] / max(layouts.values()))
-    # The figures are the medians of the rounds, which are reported too.
-    for kind in ("train", "fwd"):
-      for name in ("jax", "torch", "torch_channels_last"):
-        rounds = e[f"rounds_{kind}_ips"][name]
+    assert set(e["compile_s"]) == {"jax"} and e["compile_s"]["jax"] > 0
+    assert e["xla_train_step_memory_mb"] > 0 and e["peak_rss_mb"] > 0
+    for kind in ("train", "forward"):
+      speed = e[kind]
+      assert set(speed["ips"]) == {"jax", "torch", "torch_channels_last"}
+      # The figures are the medians of the rounds, which are reported too.
+      for name, ips in speed["ips"].items():
+        rounds = speed["rounds"][name]
         assert len(rounds) == 2 and min(rounds) > 0
-        assert e[f"{name}_{kind}_ips"] == pytest.approx(sum(rounds) / 2)
+        assert ips == pytest.approx(sum(rounds) / 2)
+      # The ratios are against PyTorch eager's faster layout, which the result names.
+      layouts = {name: speed["ips"][name] for name in ("torch", "torch_channels_last")}
+      assert speed["anchor"] == max(layouts, key=layouts.get)
+      assert speed["ratio"] == pytest.approx(speed["ips"]["jax"] / max(layouts.values()))
     # MFU is model FLOP/s over the measured peak.
-    assert e["jax_train_tflops"] == pytest.approx(
-        e["train_gflop_per_image"] * e["jax_train_ips"] / 1e3)
-    assert e["mfu_measured_peak"] == pytest.approx(e["jax_train_tflops"] / result["matmul_tflops"])
+    f = e["flops"]
+    assert f["train_tflops"] == pytest.approx(
+        f["train_gflop_per_image"] * e["train"]["ips"]["jax"] / 1e3)
+    assert f["mfu_measured_peak"] == pytest.approx(f["train_tflops"] / result["matmul_tflops"])
+    assert f["mfu_datasheet_peak"] is None
     # The eval forward's FLOPs count the whole batch (a step is ~3 forwards).
-    assert 2 < e["train_gflop_per_image"] / e["fwd_gflop_per_image"] < 4
+    assert 2 < f["train_gflop_per_image"] / f["fwd_gflop_per_image"] < 4
   small, large = result["batches"]
   # Winograd (conv2-conv5 on CPU) executes fewer FLOPs than the model's direct convolutions.
-  assert 0 < large["executed_train_gflop_per_image"] < large["train_gflop_per_image"]
+  flops = large["flops"]
+  assert 0 < flops["executed_train_gflop_per_image"] < flops["train_gflop_per_image"]
   # The eval forward of 8 runs 2 chunks of 4 images; 4 is one chunk.
   assert (small["eval_chunk"], large["eval_chunk"]) == (4, 4)
   printed = capsys.readouterr().out
   assert "train step, img/s" in printed and "of the measured peak" in printed
   assert "batch 4:" in printed and "batch 8:" in printed
-  assert f"host CPU {result['cpu_model']}" in printed
+  assert f"host CPU {bench.cpu_model()}" in printed
   assert "img/s over the rounds: train jax " in printed
   assert "against PyTorch eager's faster layout" in printed
+  assert "compile: jax " in printed
 
 
 def test_bench_train_bfloat16_without_torch(tmp_path, capsys):
@@ -67,9 +70,11 @@ def test_bench_train_bfloat16_without_torch(tmp_path, capsys):
                      "--iters", "1", "--dtype", "bfloat16", "--no_torch", "--json",
                      str(out)]) == 0
   result = json.loads(out.read_text())
-  assert result["dtype"] == "bfloat16" and "torch_device" not in result
+  assert result["dtype"] == "bfloat16" and result["torch"] is None
+  assert result["torch_not_run"] == "not asked for"
   (entry,) = result["batches"]
-  assert entry["jax_train_ips"] > 0 and "torch_train_ips" not in entry
+  assert set(entry["train"]["ips"]) == {"jax"} and entry["train"]["ips"]["jax"] > 0
+  assert entry["train"]["ratio"] is None
   assert "PyTorch not run (not asked for)" in capsys.readouterr().out
 
 
