@@ -219,6 +219,13 @@ def _step_footprint(compiled: Any, batch: int) -> tuple[float, float | None]:
                     + memory.temp_size_in_bytes - memory.alias_size_in_bytes) / 2**20
 
 
+def _torch_sgd(recipe: Any) -> Callable[[Any], Any]:
+  """``torch.optim.SGD`` with the recipe's settings, for the given parameters."""
+  import torch
+  return lambda params: torch.optim.SGD(params, lr=recipe.learning_rate,
+                                        momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+
+
 def _torch_side(net: Any, x: np.ndarray, y: np.ndarray, dtype: str, device: str, recipe: Any,
                 torch_compile: bool) -> _Timed:
   """The same model and optimizer in PyTorch on ``device``: eager NCHW and channels_last, and
@@ -234,8 +241,7 @@ def _torch_side(net: Any, x: np.ndarray, y: np.ndarray, dtype: str, device: str,
       xt.contiguous(memory_format=torch.channels_last))}
 
   def step_of(module, inputs):
-    opt = torch.optim.SGD(module.parameters(), lr=recipe.learning_rate,
-                          momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+    opt = _torch_sgd(recipe)(module.parameters())
 
     def step():
       module.train()
@@ -319,6 +325,7 @@ class BatchFigures:
   eval_chunk: int  # images per chunk of the eval forward's conv stack
   xla_train_step_memory_mb: float | None  # arguments + outputs + temporaries
   peak_rss_mb: float
+  layers: list[Any] | None = None  # layer_times.BlockTime per block, with --layers
 
 
 @dataclasses.dataclass
@@ -360,8 +367,8 @@ def _torch_net(variant: str, seed: int) -> tuple[Any, Any, dict[str, Any]]:
 
 def bench_train(variant: str, batches: Sequence[int] = (64,), dtype: str = "float32",
                 rounds: int = 5, iters: int = 3, warmup: int = 2, seed: int = 0,
-                torch_compile: bool = True, winograd: bool = True, use_torch: bool = True
-                ) -> TrainBench:
+                torch_compile: bool = True, winograd: bool = True, use_torch: bool = True,
+                layers: bool = False) -> TrainBench:
   """Train-step and forward images/s of the library's step vs the same model in PyTorch on the
   same device, for each batch size; model FLOP/s and MFU against the peak measured in the same
   run (a large matmul in ``dtype``) and the datasheet's, where known.
@@ -369,7 +376,8 @@ def bench_train(variant: str, batches: Sequence[int] = (64,), dtype: str = "floa
   JAX runs ``training.train_step`` through ``training.make_steps("jit")`` on one device, with
   torchvision's recipe's optimizer (SGD, momentum 0.9, weight decay 1e-4); PyTorch runs
   ``torch.optim.SGD`` with the same settings. Same batch, alternating rounds, median kept.
-  ``winograd=False`` times XLA's direct convolutions instead of the CPU default.
+  ``winograd=False`` times XLA's direct convolutions instead of the CPU default; ``layers``
+  adds each block's time (``layer_times``).
   """
   import jax
 
@@ -411,6 +419,13 @@ def bench_train(variant: str, batches: Sequence[int] = (64,), dtype: str = "floa
         xla_train_step_memory_mb=memory, peak_rss_mb=_peak_rss_mb()))
     del sides, compiled
     jax.clear_caches()
+    if layers:
+      from alexnet_jax import layer_times
+      timer = lambda fns: _rounds_ips(fns, batch, rounds, iters, warmup)
+      result.batches[-1].layers = layer_times.block_times(
+          model, state.params, net, tx, _torch_sgd(recipe) if device else None, batch, timer,
+          dtype, device or "cpu", seed)
+      jax.clear_caches()
   return result
 
 
@@ -786,6 +801,30 @@ def _print_train(r: TrainBench) -> None:
     memory = (f"XLA train step {e.xla_train_step_memory_mb:.0f} MiB (arguments + outputs + "
               "temporaries), " if e.xla_train_step_memory_mb is not None else "")
     print(f"memory: {memory}process peak RSS {e.peak_rss_mb:.0f} MiB")
+    if e.layers:
+      _print_layers(e)
+
+
+def _print_layers(e: BatchFigures) -> None:
+  from alexnet_jax.layer_times import TORCH
+  torch_on = TORCH in e.layers[0].forward_ms
+  cols = lambda ms: "" if not ms else (
+      f"{ms['jax']:>9.1f}" + (f"{ms[TORCH]:>12.1f}{ms[TORCH] / ms['jax']:>7.2f}" if torch_on
+                              else ""))
+  head = f"{'jax':>9}" + (f"{'torch NHWC':>12}{'ratio':>7}" if torch_on else "")
+  print(f"\nper block, ms at batch {e.batch} (ratio: PyTorch's time over JAX's)")
+  print(f"{'':<17}{'output':<16}{'forward':^28}  {'forward + backward':^28}")
+  print(f"{'':<33}{head:<28}  {head}")
+  total: dict[str, dict[str, float]] = {"forward_ms": {}, "step_ms": {}}
+  for b in e.layers:
+    shape = "x".join(map(str, b.output_shape[1:]))
+    print(f"{b.name:<17}{shape:<16}{cols(b.forward_ms):<28}  {cols(b.step_ms)}")
+    for kind in total:
+      for name, ms in getattr(b, kind).items():
+        total[kind][name] = total[kind].get(name, 0.0) + ms
+  print(f"{'sum of blocks':<33}{cols(total['forward_ms']):<28}  {cols(total['step_ms'])}")
+  whole = {name: 1e3 * e.batch / ips for name, ips in e.train.ips.items()}
+  print(f"{'whole train step':<33}{'':<28}  {cols(whole)}")
 
 
 def _print_speeds(train: Speed, forward: Speed) -> None:
@@ -825,6 +864,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--no_torch", action="store_true", help="time alexnet-jax alone")
   p.add_argument("--no_winograd", action="store_true",
                  help="time XLA's direct convolutions instead of the CPU default (Winograd)")
+  p.add_argument("--layers", action="store_true",
+                 help="also time each block alone, forward and backward, beside PyTorch")
   p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
   d = sub.add_parser("data", help="the input pipeline: loader end to end vs bare JPEG decode")
   d.add_argument("--files", choices=(*FILE_KINDS, "both"), default="photos",
@@ -872,7 +913,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.error("sizes and counts must be positive (threads and workers: 0 or more)")
   # Up front, all at once: the first missing module would otherwise stop a run minutes in.
   if args.what == "train":
-    needed = ("grain",) if args.no_torch else ("grain", "torch")
+    needed = ("grain",) if args.no_torch and not args.layers else ("grain", "torch")
   else:
     needed = ("PIL", "simplejpeg", "cv2", "grain") + (
         ("sklearn", "ml_collections", "orbax") if args.what == "feed" else ())
@@ -893,7 +934,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", ".5")
     result = bench_train(args.variant, args.batch, args.dtype, args.rounds, args.iters,
                          torch_compile=not args.no_torch_compile, winograd=not args.no_winograd,
-                         use_torch=not args.no_torch)
+                         use_torch=not args.no_torch, layers=args.layers)
     _print_train(result)
   else:
     if args.images < args.batch:

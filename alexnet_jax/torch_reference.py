@@ -68,6 +68,18 @@ class TorchAlexNet(nn.Module):
       x = module(x)
     return x
 
+  def blocks(self) -> list[list[nn.Module]]:
+    """The modules in forward order, by block: each conv with its ReLU, LRN and max pool, then
+    the rest (adaptive pool, flatten, classifier) as one."""
+    conv_tail = (nn.ReLU, nn.LocalResponseNorm, nn.MaxPool2d)
+    blocks: list[list[nn.Module]] = []
+    for module in self._plan:
+      if isinstance(module, nn.Conv2d) or (
+          blocks and isinstance(blocks[-1][0], nn.Conv2d) and not isinstance(module, conv_tail)):
+        blocks.append([])
+      blocks[-1].append(module)
+    return blocks
+
 
 def torch_model(variant: str, **overrides: Any) -> TorchAlexNet:
   """The PyTorch twin of ``create_model(variant, **overrides)``, with PyTorch's default init."""

@@ -8,7 +8,11 @@ import pytest
 pytest.importorskip("torch", reason="the benchmark compares against PyTorch")
 pytest.importorskip("grain", reason="the train step needs the 'train' extra")
 
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
 from alexnet_jax import bench, ops  # noqa: E402
+from alexnet_jax.models import create_model  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -76,6 +80,31 @@ def test_bench_train_bfloat16_without_torch(tmp_path, capsys):
   assert set(entry["train"]["ips"]) == {"jax"} and entry["train"]["ips"]["jax"] > 0
   assert entry["train"]["ratio"] is None
   assert "PyTorch not run (not asked for)" in capsys.readouterr().out
+
+
+def test_bench_train_layers(tmp_path, capsys):
+  out = tmp_path / "bench.json"
+  assert bench.main(["train", "--variant", "alexnet_small", "--batch", "4", "--rounds", "1",
+                     "--iters", "1", "--no_torch_compile", "--layers", "--json", str(out)]) == 0
+  (entry,) = json.loads(out.read_text())["batches"]
+  blocks = entry["layers"]
+  assert [b["name"] for b in blocks] == [f"conv{i}" for i in range(1, 6)] + [
+      "classifier+loss", "SGD update"]
+  # Each conv block ends where the model's does: after its pool, if any, else its ReLU.
+  model = create_model("alexnet_small")
+  x = np.zeros((4, model.input_size, model.input_size, model.in_channels), np.float32)
+  _, state = model.apply(model.init(jax.random.key(0), x), x, mutable=["intermediates"])
+  acts, pools = state["intermediates"]["activations"], 0
+  for i, b in enumerate(blocks[:5]):
+    pools += model.pool_after[i]
+    expected = acts[f"pool{pools}" if model.pool_after[i] else f"conv{i + 1}"].shape
+    assert tuple(b["output_shape"]) == expected, b["name"]
+  for b in blocks:
+    assert set(b["step_ms"]) == {"jax", "torch_channels_last"} and min(b["step_ms"].values()) > 0
+  assert blocks[-1]["forward_ms"] == {} and min(blocks[0]["forward_ms"].values()) > 0
+  printed = capsys.readouterr().out
+  assert "per block, ms at batch 4" in printed and "whole train step" in printed
+  assert "sum of blocks" in printed
 
 
 def test_datasheet_peaks_by_device_kind():
