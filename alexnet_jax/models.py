@@ -308,7 +308,8 @@ class AlexNet(nn.Module):
         x = dropout(x)
       kernel_init, bias_init = self._inits(name, x.shape[-1], is_conv=False)
       x = nn.Dense(width, kernel_init=kernel_init, bias_init=bias_init, dtype=self.dtype,
-                   param_dtype=self.param_dtype, name=name)(x)
+                   param_dtype=self.param_dtype, dot_general=self.impl.dot_general(),
+                   name=name)(x)
       if hidden:
         x = nn.relu(x)
         activations[name] = x

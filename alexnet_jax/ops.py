@@ -1,6 +1,7 @@
 """How AlexNet is computed fast, apart from what it computes: the XLA options the project compiles
-with, Winograd convolutions, a max pool with a faster CPU gradient, a chunked CPU eval forward,
-and ``Implementation``, which picks among them for a model.
+with, Winograd convolutions, a max pool with a faster CPU gradient, dense layers whose CPU input
+gradient reads the weight in its stored order, a chunked CPU eval forward, and
+``Implementation``, which picks among them for a model.
 
 XLA:CPU in recent jaxlibs hands convolutions and dots to YNNPACK fusions by default; for AlexNet
 on x86 its older kernels are much faster, so ``compiler_options`` turns those fusions off for the
@@ -137,6 +138,54 @@ def tap_max_pool_jvp(x: jax.Array, y: jax.Array, t: jax.Array, *, window: int, s
   zero = jnp.zeros((), t.dtype)
   return functools.reduce(jnp.add, (jnp.where(first == k, tap, zero)
                                     for k, (_, _, tap) in enumerate(_taps(t, window, stride))))
+
+
+# ----------------------------------------------------------------------------------------------
+# Dense layers on CPU.
+#
+# The input gradient of ``x @ W`` is ``g @ W.T``: W as the right operand, contracted along its
+# last axis, which XLA:CPU's kernel runs several times slower than the same contraction as
+# ``W @ g.T`` (W as the left operand) followed by a transpose of the batch-sized result
+# (docs/performance.md). The barrier keeps XLA's simplifier from folding the transposes
+# back into the first form.
+
+
+def dense_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any,
+                      precision: Any = None, preferred_element_type: Any = None,
+                      **kwargs: Any) -> jax.Array:
+  """``lax.dot_general`` for ``nn.Dense(..., dot_general=ops.dense_dot_general)``: for a 2-D
+  ``x @ W``, the input gradient on CPU reads W in its stored order. Same results to rounding;
+  every other case, and every other platform, runs ``lax.dot_general`` unchanged."""
+  if (lhs.ndim, rhs.ndim) != (2, 2) or kwargs or (
+      tuple(map(tuple, dimension_numbers[0])), tuple(map(tuple, dimension_numbers[1]))) != (
+          ((1,), (0,)), ((), ())):
+    return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                           preferred_element_type=preferred_element_type, **kwargs)
+  return _dense(lhs, rhs, precision, preferred_element_type)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
+def _dense(x, w, precision, preferred):
+  return lax.dot(x, w, precision=precision, preferred_element_type=preferred)
+
+
+@functools.partial(_dense.defjvp, symbolic_zeros=True)
+def _dense_jvp(precision, preferred, primals, tangents):
+  # Linear in the tangents; reverse mode transposes the x part into W @ g.T, kept whole by the
+  # barrier, then transposed.
+  (x, w), (dx, dw) = primals, tangents
+  dot = functools.partial(lax.dot, precision=precision, preferred_element_type=preferred)
+  zero = lambda t: isinstance(t, jax.custom_derivatives.SymbolicZero)
+  y = _dense(x, w, precision, preferred)
+  parts = []
+  if not zero(dx):
+    stored_order = lambda w, dx: dot(w.T, lax.optimization_barrier(dx.T)).T
+    parts.append(lax.platform_dependent(w, dx, cpu=stored_order, default=lambda w, dx: dot(dx, w)))
+  if not zero(dw):
+    parts.append(dot(x, dw))
+  if not parts:
+    return y, jnp.zeros_like(y)
+  return y, functools.reduce(jnp.add, parts)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,6 +337,9 @@ class Implementation:
   # On CPU, the max pool as a maximum of strided slices, its gradient by the custom_jvp rule;
   # False: reduce_window and select_and_scatter.
   tap_max_pool: bool = True
+  # On CPU, dense layers' input gradients read the weight in its stored order
+  # (dense_dot_general); False: lax.dot_general.
+  dense_input_grad: bool = True
   # On CPU, a forward with train=False runs the conv stack this many images at a time (the largest
   # divisor of the batch up to it). None: as many as keep conv1's output within EVAL_CHUNK_BYTES;
   # 0: the whole batch. Training always runs the whole batch: chunked gradients were slower.
@@ -304,6 +356,10 @@ class Implementation:
     if not self.winograd:
       return lax.conv_general_dilated
     return functools.partial(conv_general_dilated, winograd_batch=batch)
+
+  def dot_general(self) -> Callable[..., jax.Array]:
+    """The ``dot_general`` for ``nn.Dense``."""
+    return dense_dot_general if self.dense_input_grad else lax.dot_general
 
   def max_pool(self, x: jax.Array, window: int, stride: int) -> jax.Array:
     return (max_pool if self.tap_max_pool else xla_max_pool)(x, window, stride)
@@ -342,4 +398,4 @@ class Implementation:
 
 
 FAST = Implementation()
-XLA = Implementation(winograd=False, tap_max_pool=False, eval_chunk=0)
+XLA = Implementation(winograd=False, tap_max_pool=False, dense_input_grad=False, eval_chunk=0)

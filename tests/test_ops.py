@@ -1,4 +1,7 @@
-"""alexnet_jax.ops: the CPU compiler options, and the max pool's faster CPU gradient."""
+"""alexnet_jax.ops: the CPU compiler options, the max pool's faster CPU gradient, the dense layers'
+input gradient and Winograd's convolutions."""
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -156,3 +159,39 @@ def test_conv_runs_winograd_on_cpu_only_where_it_applies(monkeypatch):
       lambda x, w: ops.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
                                             dimension_numbers=nhwc)).lower(bf16(x), bf16(w)
                                                                            ).compile().as_text()
+
+
+DENSE = (((1,), (0,)), ((), ()))
+
+
+def test_dense_input_gradient_reads_the_weight_in_stored_order():
+  rng = np.random.default_rng(0)
+  x, w, g = (jnp.asarray(rng.standard_normal(s), jnp.float32)
+             for s in ((8, 256), (256, 128), (8, 128)))
+  ours = lambda x, w: ops.dense_dot_general(x, w, DENSE)
+  ref = lambda x, w: lax.dot_general(x, w, DENSE)
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())
+  np.testing.assert_array_equal(ours(x, w), ref(x, w))
+  for a, b in zip(jax.vjp(ours, x, w)[1](g), jax.vjp(ref, x, w)[1](g)):
+    close(a, b)
+  close(jax.jvp(ours, (x, w), (x, w))[1], jax.jvp(ref, (x, w), (x, w))[1])
+
+  def dot_of_input_gradient(f):
+    hlo = jax.jit(lambda x, w, g: jax.vjp(lambda x: f(x, w), x)[1](g),
+                  compiler_options=ops.compiler_options()).lower(x, w, g).compile().as_text()
+    (dot,) = [line for line in hlo.splitlines() if " dot(" in line]
+    return dot
+  # Ours: W @ g.T, W the left operand contracted along its stored rows; XLA's: g @ W.T.
+  assert re.search(r"dot\(%w[.\d]*, %g[.\d]*\), lhs_contracting_dims=\{1\}",
+                   dot_of_input_gradient(ours))
+  assert re.search(r"dot\(%g[.\d]*, %w[.\d]*\)", dot_of_input_gradient(ref))
+
+
+def test_dense_dot_general_leaves_other_products_to_xla():
+  x3 = jnp.ones((2, 8, 256))
+  w = jnp.ones((256, 128))
+  batched = (((2,), (0,)), ((), ()))
+  jaxpr = str(jax.make_jaxpr(lambda x: ops.dense_dot_general(x, w, batched))(x3))
+  assert "custom_jvp" not in jaxpr and "dot_general" in jaxpr
+  np.testing.assert_array_equal(ops.dense_dot_general(x3, w, batched),
+                                lax.dot_general(x3, w, batched))
