@@ -71,9 +71,9 @@ def _jax_block(block: AlexNet, last: bool, first: bool, labels: jax.Array
     return optax.softmax_cross_entropy_with_integer_labels(y, labels).mean() if last else y
 
   def step(p, x, cotangent):
-    if first:  # no gradient for the images
-      return jax.vjp(lambda p: forward(p, x), p)[1](cotangent)
-    return jax.vjp(forward, p, x)[1](cotangent)
+    # No gradient for the images; the cotangent in the block's compute dtype (bf16 runs).
+    y, pullback = jax.vjp(lambda p: forward(p, x), p) if first else jax.vjp(forward, p, x)
+    return pullback(cotangent.astype(y.dtype))
 
   return jit(forward), jit(step)
 

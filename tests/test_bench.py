@@ -71,7 +71,7 @@ def test_bench_train_reports_both_frameworks(tmp_path, capsys, monkeypatch):
 def test_bench_train_bfloat16_without_torch(tmp_path, capsys):
   out = tmp_path / "bench.json"
   assert bench.main(["train", "--variant", "alexnet_small", "--batch", "2", "--rounds", "1",
-                     "--iters", "1", "--dtype", "bfloat16", "--no_torch", "--json",
+                     "--iters", "1", "--dtype", "bfloat16", "--no_torch", "--layers", "--json",
                      str(out)]) == 0
   result = json.loads(out.read_text())
   assert result["dtype"] == "bfloat16" and result["torch"] is None
@@ -79,6 +79,9 @@ def test_bench_train_bfloat16_without_torch(tmp_path, capsys):
   (entry,) = result["batches"]
   assert set(entry["train"]["ips"]) == {"jax"} and entry["train"]["ips"]["jax"] > 0
   assert entry["train"]["ratio"] is None
+  # Each block alone in bf16, JAX only.
+  assert len(entry["layers"]) == 7
+  assert all(set(b["step_ms"]) == {"jax"} and b["step_ms"]["jax"] > 0 for b in entry["layers"])
   assert "PyTorch not run (not asked for)" in capsys.readouterr().out
 
 
