@@ -232,9 +232,11 @@ def _torch_side(net: Any, x: np.ndarray, y: np.ndarray, dtype: str, device: str,
   (where it works) ``torch.compile``; bf16 by autocast, as JAX keeps fp32 params."""
   import torch
 
+  from alexnet_jax.torch_reference import nchw
+
   sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
   autocast = lambda: torch.autocast(device, torch.bfloat16, enabled=dtype == "bfloat16")
-  xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(device)
+  xt = nchw(x).to(device)
   yt = torch.from_numpy(y.astype(np.int64)).to(device)
   layouts = {"torch": (copy.deepcopy(net).to(device), xt), "torch_channels_last": (
       copy.deepcopy(net).to(device, memory_format=torch.channels_last),
@@ -415,7 +417,8 @@ def bench_train(variant: str, batches: Sequence[int] = (64,), dtype: str = "floa
         batch, train, forward,
         Flops.of(model_flops(model, tx, state, batch), executed, train, forward, peak, datasheet),
         compile_s={k: v for side in sides for k, v in side.compile_s.items()},
-        torch_compile_error=sides[-1].compile_error, eval_chunk=model.eval_chunk(x.shape),
+        torch_compile_error=next((s.compile_error for s in sides if s.compile_error), None),
+        eval_chunk=model.eval_chunk(x.shape),
         xla_train_step_memory_mb=memory, peak_rss_mb=_peak_rss_mb()))
     del sides, compiled
     jax.clear_caches()

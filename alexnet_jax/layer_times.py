@@ -26,7 +26,7 @@ import torch
 
 from alexnet_jax import ops
 from alexnet_jax.models import AlexNet
-from alexnet_jax.torch_reference import TorchAlexNet
+from alexnet_jax.torch_reference import TorchAlexNet, nchw
 
 # Times each no-argument callable (which blocks until done) in alternating rounds: images/s per
 # round, by name.
@@ -100,11 +100,6 @@ def _torch_block(modules: Sequence[torch.nn.Module], x: torch.Tensor, cotangent:
   return forward, step
 
 
-def _nchw(a: np.ndarray, device: str) -> torch.Tensor:
-  t = torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)) if a.ndim == 4 else a)
-  return t.to(device).contiguous(memory_format=torch.channels_last) if a.ndim == 4 else t.to(device)
-
-
 def block_times(model: AlexNet, params: Any, net: TorchAlexNet | None,
                 tx: optax.GradientTransformation, torch_sgd: Callable[[Any], Any] | None,
                 batch: int, timer: Timer, dtype: str = "float32", device: str = "cpu",
@@ -142,9 +137,11 @@ def block_times(model: AlexNet, params: Any, net: TorchAlexNet | None,
     steps = {"jax": lambda f=step, p=block_params, a=on_device: jax.block_until_ready(
         f(p, *a))}
     if torch_blocks is not None:
-      xt = _nchw(x, device).requires_grad_(i > 0)
+      channels_last = lambda a: nchw(a).to(device).contiguous(memory_format=torch.channels_last)
+      xt = channels_last(x).requires_grad_(i > 0)
       fns[TORCH], steps[TORCH] = _torch_block(
-          torch_blocks[i], xt, _nchw(np.asarray(cotangent), device),
+          torch_blocks[i], xt,
+          torch.tensor(cotangent, device=device) if last else channels_last(cotangent),
           torch.from_numpy(labels.astype(np.int64)).to(device), last, autocast, sync)
     times.append(BlockTime(name, tuple(np.shape(y)) if not last else (),
                            ms(timer(fns)), ms(timer(steps))))

@@ -43,7 +43,7 @@ import torch
 from alexnet_jax import ops
 from alexnet_jax.models import VARIANTS, AlexNet, create_model
 from alexnet_jax.torch_interop import params_from_torch
-from alexnet_jax.torch_reference import torch_model
+from alexnet_jax.torch_reference import nchw, torch_model
 
 LOGITS_TOL = 1e-5  # max|diff| <= LOGITS_TOL * max|logit|
 GRAD_TOL = 1e-4  # per-parameter relative difference
@@ -135,10 +135,6 @@ def _rel_rows(case: str, what: str, flax_tree: dict, torch_tree: dict, tol: floa
   return Row(case, what, worst[0], worst[1], worst[2], tol, note)
 
 
-def _nchw(x: np.ndarray) -> torch.Tensor:
-  return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
-
-
 def _nhwc(t: torch.Tensor) -> np.ndarray:
   return t.numpy().transpose(0, 2, 3, 1) if t.ndim == 4 else t.numpy()
 
@@ -158,7 +154,7 @@ def _torch_path(net: torch.nn.Module, x: np.ndarray) -> tuple[list, list]:
       hooks.append(module.register_forward_hook(lambda m, i, o: pool_inputs.append(i[0])))
   try:
     with torch.no_grad():
-      net(_nchw(x))
+      net(nchw(x))
   finally:
     for h in hooks:
       h.remove()
@@ -182,7 +178,7 @@ def _flax_path(model: AlexNet) -> Callable[[Any, np.ndarray], tuple[list, list]]
 
   def as_numpy(params, x):
     hidden, pool_inputs = path(params, x)
-    return [np.asarray(h) for h in hidden], [_nchw(np.asarray(a)) for a in pool_inputs]
+    return [np.asarray(h) for h in hidden], [nchw(np.asarray(a)) for a in pool_inputs]
   return as_numpy
 
 
@@ -249,7 +245,7 @@ def _logit_rows(case: Case, model: AlexNet, net: torch.nn.Module, params: Any, b
   for size in case.sizes:
     x = rng.standard_normal((batch, size, size, model.in_channels), np.float32)
     with torch.no_grad():
-      ref = net(_nchw(x)).numpy()
+      ref = net(nchw(x)).numpy()
     rows.append(_logits_row(case.label, f"logits {size}x{size}", np.asarray(apply(params, x)),
                             ref, tol))
   return rows
@@ -307,7 +303,7 @@ def _training_rows(case: Case, model: AlexNet, net: torch.nn.Module, params: Any
     x, y = batches.draw(params)
     params, opt_state, grads = sgd_step(params, opt_state, x, y)
     opt.zero_grad()
-    torch.nn.functional.cross_entropy(net(_nchw(x)), torch.from_numpy(y)).backward()
+    torch.nn.functional.cross_entropy(net(nchw(x)), torch.from_numpy(y)).backward()
     if step == 0:  # weight decay is added in step(), after this
       rows.append(_rel_rows(case.label, "gradients", grads,
                             _torch_grads_as_flax(net, case.variant, dict(case.overrides)),
@@ -368,7 +364,7 @@ def _torchvision_rows(case: Case, seed: int, tol: float) -> list[Row]:
   params = params_from_torch(net.state_dict(), "alexnet")
   x = np.random.default_rng(seed).standard_normal((4, 224, 224, 3), np.float32)
   with torch.no_grad():
-    ref = net(_nchw(x)).numpy()
+    ref = net(nchw(x)).numpy()
   out = np.asarray(create_model("alexnet").apply({"params": params}, x))
   return [_logits_row(case.label, "logits vs torchvision.models.alexnet", out, ref, tol)]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -79,6 +80,11 @@ class TorchAlexNet(nn.Module):
         blocks.append([])
       blocks[-1].append(module)
     return blocks
+
+
+def nchw(x: np.ndarray) -> torch.Tensor:
+  """An NHWC batch as the NCHW tensor the twin takes."""
+  return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
 
 
 def torch_model(variant: str, **overrides: Any) -> TorchAlexNet:
