@@ -4,11 +4,12 @@ gradient reads the weight in its stored order, a chunked CPU eval forward, and
 ``Implementation``, which picks among them for a model.
 
 XLA:CPU in recent jaxlibs hands convolutions and dots to YNNPACK fusions by default; for AlexNet
-on x86 its older kernels are much faster, so ``compiler_options`` turns those fusions off for the
-library's jitted steps, and switches XLA's copy insertion to its region-based analysis, which
-drops copies of parameters that the step updates in place.
+on x86 its older kernels are much faster, so ``compiler_options`` keeps YNNPACK to reductions
+(where it beats XLA's own by far) for the library's jitted steps, and switches XLA's copy
+insertion to its region-based analysis, which drops copies of parameters that the step updates
+in place.
 
-With YNNPACK's fusions off, XLA's convolutions run near the machine's matmul rate, so the
+With YNNPACK's dot and convolution fusions off, XLA's convolutions run near the machine's matmul rate, so the
 remaining way to a faster convolution is fewer multiplications: on CPU, ``conv_general_dilated``
 computes the stride-1 convolutions (AlexNet's conv2-conv5) by Winograd's algorithm
 (``winograd_conv``).
@@ -32,11 +33,14 @@ import numpy as np
 from jax import lax
 
 _CPU_OPTIONS = {
-    # An empty list of fusion types forms no YNNPACK fusion.
-    "xla_cpu_experimental_ynn_fusion_type": "",
+    # Each option's values in order of preference; the first this jaxlib knows is used.
+    # YNNPACK fusions for reductions only: XLA's own rewrites a long sum (a convolution's bias
+    # gradient) into a slow reduce-window tree. Its dot and convolution fusions are slower for
+    # AlexNet on x86 than XLA's older kernels; an empty list forms no fusion at all.
+    "xla_cpu_experimental_ynn_fusion_type": ("LIBRARY_FUSION_TYPE_REDUCE", ""),
     # Without it, copy insertion copies parameters that the step updates in place (fc1's weight
     # among them): more temporaries and a slower step, for bit-equal results.
-    "xla_cpu_copy_insertion_use_region_analysis": True,
+    "xla_cpu_copy_insertion_use_region_analysis": (True,),
 }
 
 
@@ -54,12 +58,13 @@ def compiler_options(platform: str | None = None) -> dict[str, Any]:
   """Options for ``jax.jit(..., compiler_options=...)`` of AlexNet code on ``platform``.
 
   The library's jitted train and eval steps use them; pass them to your own ``jax.jit`` for the
-  same speed (``jax.pmap`` takes none). Empty off CPU; an option this jaxlib does not know is
-  left out.
+  same speed (``jax.pmap`` takes none). Empty off CPU; an option this jaxlib does not know, with
+  none of its values, is left out.
   """
   if (platform or jax.default_backend()) != "cpu":
     return {}
-  return {k: v for k, v in _CPU_OPTIONS.items() if _known(k, v)}
+  chosen = {k: next((v for v in values if _known(k, v)), None) for k, values in _CPU_OPTIONS.items()}
+  return {k: v for k, v in chosen.items() if v is not None}
 
 
 def max_pool(x: jax.Array, window: int, stride: int) -> jax.Array:

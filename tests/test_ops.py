@@ -16,18 +16,42 @@ from configs import default
 
 
 def _hlo(options):
-  x, w = jnp.ones((2, 16, 16, 8)), jnp.ones((3, 3, 8, 16))
-  conv = lambda x, w: jnp.sum(lax.conv_general_dilated(x, w, (1, 1), "SAME",
-                                                       dimension_numbers=("NHWC", "HWIO", "NHWC")))
-  return jax.jit(jax.grad(conv, (0, 1)), compiler_options=options).lower(x, w).compile().as_text()
+  x, w, b = jnp.ones((2, 16, 16, 8)), jnp.ones((3, 3, 8, 16)), jnp.ones((16,))
+  conv = lambda x, w, b: jnp.sum(jnp.sin(lax.conv_general_dilated(
+      x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")) + b))
+  return jax.jit(jax.grad(conv, (0, 1, 2)), compiler_options=options).lower(x, w, b).compile(
+      ).as_text()
 
 
-def test_cpu_compiler_options_turn_off_ynnpack_fusions():
+def _ynn_fusions(hlo):
+  """The op each YNNPACK fusion in ``hlo`` computes, by its metadata."""
+  lines = [line for line in hlo.splitlines() if re.match(r"\s*(ROOT )?%ynn_fusion", line)]
+  return [re.search(r'op_name="([^"]*)"', line).group(1) for line in lines]
+
+
+def test_cpu_compiler_options_keep_ynnpack_to_reductions():
   options = ops.compiler_options("cpu")
-  assert options["xla_cpu_experimental_ynn_fusion_type"] == ""
-  assert "ynn_fusion" not in _hlo(options)
-  assert "convolution(" in _hlo(options)  # still XLA's own convolutions, now unfused
+  assert options["xla_cpu_experimental_ynn_fusion_type"] == "LIBRARY_FUSION_TYPE_REDUCE"
+  # The bias gradient, a sum over batch and space, is YNNPACK's; the convolutions stay XLA's own.
+  assert _ynn_fusions(_hlo(options)) == ["jit(<lambda>)/transpose(jvp())/reduce_sum"]
+  assert _hlo(options).count("convolution(") == 3
+  assert "reduce-window" not in _hlo(options)
   assert ops.compiler_options("gpu") == {} and ops.compiler_options("tpu") == {}
+
+
+def test_ynnpack_reductions_are_deterministic_and_accurate():
+  # The same sum twice is bit-equal (the fault tests' resumed runs rely on it), and closer to
+  # the float64 sum than XLA's own reduce-window tree.
+  g = np.random.default_rng(0).standard_normal((64, 27, 27, 64)).astype(np.float32)
+  exact = g.astype(np.float64).sum((0, 1, 2))
+  options = ops.compiler_options("cpu")
+  xla_own = dict(options, xla_cpu_experimental_ynn_fusion_type="")
+  total = lambda o: jax.jit(lambda g: g.sum((0, 1, 2)), compiler_options=o).lower(g).compile()
+  ynn = total(options)
+  assert "ynn_fusion" in ynn.as_text() and "reduce-window" in total(xla_own).as_text()
+  np.testing.assert_array_equal(np.asarray(ynn(g)), np.asarray(ynn(g)))
+  np.testing.assert_allclose(np.asarray(ynn(g)), exact, atol=1e-3)
+  assert np.abs(np.asarray(ynn(g)) - exact).max() <= np.abs(np.asarray(total(xla_own)(g)) - exact).max()
 
 
 def test_region_based_copy_insertion_leaves_the_train_step_bit_equal():
@@ -50,9 +74,10 @@ def test_region_based_copy_insertion_leaves_the_train_step_bit_equal():
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_an_option_this_jaxlib_does_not_know_is_dropped(monkeypatch):
-  monkeypatch.setattr(ops, "_CPU_OPTIONS", {"xla_cpu_no_such_option": "",
-                                            "xla_cpu_experimental_ynn_fusion_type": ""})
+def test_an_option_this_jaxlib_does_not_know_is_dropped_or_takes_its_next_value(monkeypatch):
+  monkeypatch.setattr(ops, "_CPU_OPTIONS", {
+      "xla_cpu_no_such_option": ("",),
+      "xla_cpu_experimental_ynn_fusion_type": ("LIBRARY_FUSION_TYPE_NO_SUCH_TYPE", "")})
   ops.compiler_options.cache_clear()
   try:
     assert ops.compiler_options("cpu") == {"xla_cpu_experimental_ynn_fusion_type": ""}
@@ -79,7 +104,8 @@ def test_the_library_steps_compile_with_the_options(mode):
     steps.train(state, batch)
     hlos = [e.as_text() for step in (steps.train, steps.eval) for e in step.executables.values()]
     assert len(hlos) == 2
-  assert all("ynn_fusion" not in hlo and "convolution" in hlo for hlo in hlos)
+  assert all("convolution" in hlo for hlo in hlos)
+  assert all(re.search(r"/reduce_(sum|max)$", op) for hlo in hlos for op in _ynn_fusions(hlo))
 
 
 @pytest.mark.parametrize("shape, window, stride", [((2, 13, 13, 3), 3, 2), ((1, 8, 9, 2), 2, 2),
