@@ -9,10 +9,10 @@ on x86 its older kernels are much faster, so ``compiler_options`` keeps YNNPACK 
 insertion to its region-based analysis, which drops copies of parameters that the step updates
 in place.
 
-With YNNPACK's dot and convolution fusions off, XLA's convolutions run near the machine's matmul rate, so the
-remaining way to a faster convolution is fewer multiplications: on CPU, ``conv_general_dilated``
-computes the stride-1 convolutions (AlexNet's conv2-conv5) by Winograd's algorithm
-(``winograd_conv``).
+With YNNPACK's dot and convolution fusions off, XLA's convolutions run near the machine's
+matmul rate, so the remaining way to a faster convolution is fewer multiplications: on CPU,
+``conv_general_dilated`` computes the stride-1 convolutions (AlexNet's conv2-conv5) by
+Winograd's algorithm (``winograd_conv``).
 
 A max pool's gradient (``select_and_scatter``) is slow on XLA:CPU too; routing the gradient tap by
 tap to each window's first maximum (XLA's and PyTorch's tie rule) is a few strided adds. It is
@@ -63,7 +63,8 @@ def compiler_options(platform: str | None = None) -> dict[str, Any]:
   """
   if (platform or jax.default_backend()) != "cpu":
     return {}
-  chosen = {k: next((v for v in values if _known(k, v)), None) for k, values in _CPU_OPTIONS.items()}
+  chosen = {k: next((v for v in values if _known(k, v)), None)
+            for k, values in _CPU_OPTIONS.items()}
   return {k: v for k, v in chosen.items() if v is not None}
 
 
