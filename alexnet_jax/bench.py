@@ -328,6 +328,10 @@ class BatchFigures:
   xla_train_step_memory_mb: float | None  # arguments + outputs + temporaries
   peak_rss_mb: float
   layers: list[Any] | None = None  # layer_times.BlockTime per block, with --layers
+  # With --ops: the slowest ops of the compiled train step (op_profile.OpTime), and every op's
+  # time summed by layer.
+  ops: list[Any] | None = None
+  op_layers: dict[str, float] | None = None
 
 
 @dataclasses.dataclass
@@ -353,6 +357,14 @@ def _measure(sides: Sequence[_Timed], batch: int, rounds: int, iters: int, warmu
           Speed.of(_rounds_ips(runners("forward"), batch, rounds, iters, warmup)))
 
 
+def _profile_ops(figures: BatchFigures, train: Callable[[], None], compiled: Any, params: Any,
+                 count: int) -> None:
+  """The ``count`` slowest ops of the compiled train step, and all ops' time by layer."""
+  from alexnet_jax import op_profile
+  times = op_profile.op_times(train, compiled.as_text(), layers=tuple(params))
+  figures.ops, figures.op_layers = times[:count], op_profile.layer_totals(times)
+
+
 def _torch_net(variant: str, seed: int) -> tuple[Any, Any, dict[str, Any]]:
   """PyTorch's model with its default init, the same weights as Flax params, and what runs
   it."""
@@ -370,7 +382,7 @@ def _torch_net(variant: str, seed: int) -> tuple[Any, Any, dict[str, Any]]:
 def bench_train(variant: str, batches: Sequence[int] = (64,), dtype: str = "float32",
                 rounds: int = 5, iters: int = 3, warmup: int = 2, seed: int = 0,
                 torch_compile: bool = True, winograd: bool = True, use_torch: bool = True,
-                layers: bool = False) -> TrainBench:
+                layers: bool = False, profile_ops: int = 0) -> TrainBench:
   """Train-step and forward images/s of the library's step vs the same model in PyTorch on the
   same device, for each batch size; model FLOP/s and MFU against the peak measured in the same
   run (a large matmul in ``dtype``) and the datasheet's, where known.
@@ -379,7 +391,8 @@ def bench_train(variant: str, batches: Sequence[int] = (64,), dtype: str = "floa
   torchvision's recipe's optimizer (SGD, momentum 0.9, weight decay 1e-4); PyTorch runs
   ``torch.optim.SGD`` with the same settings. Same batch, alternating rounds, median kept.
   ``winograd=False`` times XLA's direct convolutions instead of the CPU default; ``layers``
-  adds each block's time (``layer_times``).
+  adds each block's time (``layer_times``), ``profile_ops`` that many of the slowest ops of XLA's
+  profile of the compiled step (``op_profile``).
   """
   import jax
 
@@ -420,6 +433,9 @@ def bench_train(variant: str, batches: Sequence[int] = (64,), dtype: str = "floa
         torch_compile_error=next((s.compile_error for s in sides if s.compile_error), None),
         eval_chunk=model.eval_chunk(x.shape),
         xla_train_step_memory_mb=memory, peak_rss_mb=_peak_rss_mb()))
+    if profile_ops:
+      _profile_ops(result.batches[-1], jax_side.train["jax"], compiled, state.params,
+                   profile_ops)
     del sides, compiled
     jax.clear_caches()
     if layers:
@@ -806,6 +822,8 @@ def _print_train(r: TrainBench) -> None:
     print(f"memory: {memory}process peak RSS {e.peak_rss_mb:.0f} MiB")
     if e.layers:
       _print_layers(e)
+    if e.ops:
+      _print_ops(e)
 
 
 def _print_layers(e: BatchFigures) -> None:
@@ -828,6 +846,16 @@ def _print_layers(e: BatchFigures) -> None:
   print(f"{'sum of blocks':<33}{cols(total['forward_ms']):<28}  {cols(total['step_ms'])}")
   whole = {name: 1e3 * e.batch / ips for name, ips in e.train.ips.items()}
   print(f"{'whole train step':<33}{'':<28}  {cols(whole)}")
+
+
+def _print_ops(e: BatchFigures) -> None:
+  print(f"\nXLA's profile of the train step at batch {e.batch}, ms per step; asynchronous ops "
+        "(on CPU, large matrix products and convolutions) show only their launch")
+  print("by layer: " + ", ".join(f"{layer or 'no layer'} {ms:.1f}"
+                                 for layer, ms in e.op_layers.items()))
+  print(f"{'ms':>8}  {'layer':<8}{'op':<36}shape")
+  for t in e.ops:
+    print(f"{t.ms:>8.2f}  {t.layer:<8}{t.name:<36}{t.shape}")
 
 
 def _print_speeds(train: Speed, forward: Speed) -> None:
@@ -869,6 +897,8 @@ def _parser() -> argparse.ArgumentParser:
                  help="time XLA's direct convolutions instead of the CPU default (Winograd)")
   p.add_argument("--layers", action="store_true",
                  help="also time each block alone, forward and backward, beside PyTorch")
+  p.add_argument("--ops", type=int, default=0, metavar="N",
+                 help="also print the N slowest ops of XLA's profile of the train step")
   p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
   d = sub.add_parser("data", help="the input pipeline: loader end to end vs bare JPEG decode")
   d.add_argument("--files", choices=(*FILE_KINDS, "both"), default="photos",
@@ -912,8 +942,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   counts = {"train": lambda: [*args.batch, args.rounds, args.iters],
             "data": lambda: [args.batch, args.steps, args.rounds, args.images],
             "feed": lambda: [args.steps, args.window, args.images + 1]}[args.what]()
-  if min(counts) < 1 or (args.what == "data" and min(args.threads, args.workers) < 0):
-    parser.error("sizes and counts must be positive (threads and workers: 0 or more)")
+  zero_or_more = {"train": lambda: [args.ops], "data": lambda: [args.threads, args.workers],
+                  "feed": lambda: []}[args.what]()
+  if min(counts) < 1 or min(zero_or_more, default=0) < 0:
+    parser.error("sizes and counts must be positive (--ops, threads and workers: 0 or more)")
   # Up front, all at once: the first missing module would otherwise stop a run minutes in.
   if args.what == "train":
     needed = ("grain",) if args.no_torch and not args.layers else ("grain", "torch")
@@ -937,7 +969,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", ".5")
     result = bench_train(args.variant, args.batch, args.dtype, args.rounds, args.iters,
                          torch_compile=not args.no_torch_compile, winograd=not args.no_winograd,
-                         use_torch=not args.no_torch, layers=args.layers)
+                         use_torch=not args.no_torch, layers=args.layers,
+                         profile_ops=args.ops)
     _print_train(result)
   else:
     if args.images < args.batch:

@@ -110,6 +110,23 @@ def test_bench_train_layers(tmp_path, capsys):
   assert "sum of blocks" in printed
 
 
+def test_bench_train_ops(tmp_path, capsys):
+  out = tmp_path / "bench.json"
+  assert bench.main(["train", "--variant", "alexnet_small", "--batch", "4", "--rounds", "1",
+                     "--iters", "1", "--no_torch", "--ops", "5", "--json", str(out)]) == 0
+  (entry,) = json.loads(out.read_text())["batches"]
+  top = entry["ops"]
+  assert len(top) == 5 and [t["ms"] for t in top] == sorted((t["ms"] for t in top), reverse=True)
+  # Every op's time by layer: the model's layers, and "" for the optimizer's and the loss's.
+  layers = entry["op_layers"]
+  assert set(layers) <= {"", *(f"conv{i}" for i in range(1, 6)), "fc1", "fc2", "fc3"}
+  assert {"conv1", "conv5", "fc1"} <= set(layers) and min(layers.values()) >= 0
+  assert sum(layers.values()) >= sum(t["ms"] for t in top) > 0
+  printed = capsys.readouterr().out
+  assert "XLA's profile of the train step at batch 4" in printed
+  assert top[0]["name"] in printed and "by layer: " in printed
+
+
 def test_datasheet_peaks_by_device_kind():
   assert bench.datasheet_tflops("NVIDIA H200", "bfloat16") == pytest.approx(989.4)
   assert bench.datasheet_tflops("NVIDIA H100 PCIe", "bfloat16") == pytest.approx(756.0)
@@ -119,7 +136,7 @@ def test_datasheet_peaks_by_device_kind():
 
 
 @pytest.mark.parametrize("argv", [["train", "--batch", "0"], ["train", "--batch", "8", "0"],
-                                  ["train", "--dtype", "float16"]])
+                                  ["train", "--dtype", "float16"], ["train", "--ops", "-1"]])
 def test_bench_rejects_bad_arguments(argv):
   with pytest.raises(SystemExit):
     bench.main(argv)
