@@ -357,11 +357,11 @@ def _measure(sides: Sequence[_Timed], batch: int, rounds: int, iters: int, warmu
           Speed.of(_rounds_ips(runners("forward"), batch, rounds, iters, warmup)))
 
 
-def _profile_ops(figures: BatchFigures, train: Callable[[], None], compiled: Any, params: Any,
+def _profile_ops(figures: BatchFigures, jax_side: _Timed, compiled: Any, params: Any,
                  count: int) -> None:
   """The ``count`` slowest ops of the compiled train step, and all ops' time by layer."""
   from alexnet_jax import op_profile
-  times = op_profile.op_times(train, compiled.as_text(), layers=tuple(params))
+  times = op_profile.op_times(jax_side.train["jax"], compiled.as_text(), layers=tuple(params))
   figures.ops, figures.op_layers = times[:count], op_profile.layer_totals(times)
 
 
@@ -383,17 +383,12 @@ def bench_train(variant: str, batches: Sequence[int] = (64,), dtype: str = "floa
                 rounds: int = 5, iters: int = 3, warmup: int = 2, seed: int = 0,
                 torch_compile: bool = True, winograd: bool = True, use_torch: bool = True,
                 layers: bool = False, profile_ops: int = 0) -> TrainBench:
-  """Train-step and forward images/s of the library's step vs the same model in PyTorch on the
-  same device, for each batch size; model FLOP/s and MFU against the peak measured in the same
-  run (a large matmul in ``dtype``) and the datasheet's, where known.
-
-  JAX runs ``training.train_step`` through ``training.make_steps("jit")`` on one device, with
-  torchvision's recipe's optimizer (SGD, momentum 0.9, weight decay 1e-4); PyTorch runs
-  ``torch.optim.SGD`` with the same settings. Same batch, alternating rounds, median kept.
-  ``winograd=False`` times XLA's direct convolutions instead of the CPU default; ``layers``
-  adds each block's time (``layer_times``), ``profile_ops`` that many of the slowest ops of XLA's
-  profile of the compiled step (``op_profile``).
-  """
+  """Train-step and forward images/s of the library's step (``training.make_steps("jit")``, one
+  device) against the same model and SGD settings in PyTorch, per batch size, in alternating
+  rounds (median kept); model FLOP/s and MFU against the measured and datasheet peaks.
+  ``winograd=False`` times XLA's direct convolutions; ``layers`` adds each block's time
+  (``layer_times``), ``profile_ops`` that many of the slowest ops of XLA's profile of the step
+  (``op_profile``)."""
   import jax
 
   from alexnet_jax import ops, optim, training
@@ -418,8 +413,7 @@ def bench_train(variant: str, batches: Sequence[int] = (64,), dtype: str = "floa
       matmul_tflops=peak, datasheet_tflops=datasheet, batches=[])
   rng = np.random.default_rng(seed)
   for batch in batches:
-    side = model.input_size
-    x = rng.standard_normal((batch, side, side, model.in_channels), np.float32)
+    x = rng.standard_normal((batch, *[model.input_size] * 2, model.in_channels), np.float32)
     y = rng.integers(0, model.num_classes, batch).astype(np.int32)
     jax_side, compiled = _jax_side(model, tx, state, x, y)
     sides = [jax_side] + ([_torch_side(net, x, y, dtype, device, recipe, torch_compile)]
@@ -434,12 +428,11 @@ def bench_train(variant: str, batches: Sequence[int] = (64,), dtype: str = "floa
         eval_chunk=model.eval_chunk(x.shape),
         xla_train_step_memory_mb=memory, peak_rss_mb=_peak_rss_mb()))
     if profile_ops:
-      _profile_ops(result.batches[-1], jax_side.train["jax"], compiled, state.params,
-                   profile_ops)
+      _profile_ops(result.batches[-1], jax_side, compiled, state.params, profile_ops)
     del sides, compiled
     jax.clear_caches()
     if layers:
-      from alexnet_jax import layer_times
+      from alexnet_jax import layer_times  # imports PyTorch
       timer = lambda fns: _rounds_ips(fns, batch, rounds, iters, warmup)
       result.batches[-1].layers = layer_times.block_times(
           model, state.params, net, tx, _torch_sgd(recipe) if device else None, batch, timer,
