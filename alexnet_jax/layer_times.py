@@ -114,6 +114,8 @@ def block_times(model: AlexNet, params: Any, net: TorchAlexNet | None,
   sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
   autocast = lambda: torch.autocast(device, torch.bfloat16, enabled=dtype == "bfloat16")
   torch_blocks = net.blocks() if net is not None else None
+  channels_last = lambda a: nchw(a).to(device).contiguous(memory_format=torch.channels_last)
+  labels_t = torch.from_numpy(labels.astype(np.int64)).to(device)
   params = jax.device_put(params)
   ms = lambda ips: {name: 1e3 * batch / statistics.median(v) for name, v in ips.items()}
   times = []
@@ -137,12 +139,11 @@ def block_times(model: AlexNet, params: Any, net: TorchAlexNet | None,
     steps = {"jax": lambda f=step, p=block_params, a=on_device: jax.block_until_ready(
         f(p, *a))}
     if torch_blocks is not None:
-      channels_last = lambda a: nchw(a).to(device).contiguous(memory_format=torch.channels_last)
       xt = channels_last(x).requires_grad_(i > 0)
       fns[TORCH], steps[TORCH] = _torch_block(
           torch_blocks[i], xt,
           torch.tensor(cotangent, device=device) if last else channels_last(cotangent),
-          torch.from_numpy(labels.astype(np.int64)).to(device), last, autocast, sync)
+          labels_t, last, autocast, sync)
     times.append(BlockTime(name, tuple(np.shape(y)) if not last else (),
                            ms(timer(fns)), ms(timer(steps))))
     x = y if not last else x
